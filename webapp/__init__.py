@@ -1,0 +1,49 @@
+"""Pollgate: an OpenAI-compatible gateway whose workers poll it for jobs."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from flask import Flask
+
+from . import config as defaults
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Optional[str] = None) -> Flask:
+    """Build the app: defaults, instance config file, environment, then the test dict."""
+    instance_path = instance_path or os.environ.get("POLLGATE_INSTANCE_PATH")
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    app.config.from_object(defaults)
+    app.config.from_pyfile("pollgate.cfg", silent=True)
+    for name in ("DATABASE_URL", "SECRET_KEY"):
+        if os.environ.get(name):
+            app.config[name] = os.environ[name]
+    app.config.from_prefixed_env("POLLGATE")
+    if test_config:
+        app.config.from_mapping(test_config)
+    os.makedirs(app.instance_path, exist_ok=True)
+    if not app.config["DATABASE_URL"]:
+        app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "pollgate.db")
+    if app.config["SECRET_KEY"] == "dev" and not app.debug and not app.testing:
+        log.warning("SECRET_KEY is the development default; run the installer or set SECRET_KEY")
+
+    from . import cli, errors
+    from .db import db
+
+    db.init_app(app)
+    errors.init_app(app)
+    cli.init_app(app)
+
+    from . import api, worker_api
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(worker_api.bp)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    return app

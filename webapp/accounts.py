@@ -1,0 +1,119 @@
+"""Users, API keys and worker tokens: creation and bearer-token authentication."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from typing import Optional
+
+from sqlalchemy import select, update
+from werkzeug.security import generate_password_hash
+
+from .db import db
+from .errors import ApiError
+from .models import ApiKey, User, Worker, utcnow
+
+API_KEY_PREFIX = "pgk_"
+WORKER_TOKEN_PREFIX = "pgw_"
+# Writing last_used_at on every call would turn each request into a write.
+LAST_USED_GRANULARITY = dt.timedelta(seconds=60)
+
+
+def hash_secret(secret: str) -> str:
+    """Hash a random bearer secret; 256 random bits need no slow hash, just one-wayness."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret(prefix: str) -> str:
+    """Make a bearer secret with a recognisable prefix and 256 random bits."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def create_user(email: str, password: str, is_admin: bool = False) -> User:
+    """Create a user with a hashed password."""
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 191:
+        raise ValueError(f"not an email address: {email!r}")
+    if len(password) < 8:
+        raise ValueError("password must be at least 8 characters")
+    with db.begin() as s:
+        if s.scalar(select(User.id).where(User.email == email)) is not None:
+            raise ValueError(f"a user with email {email} already exists")
+        user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin)
+        s.add(user)
+    return user
+
+
+def find_user(email: str) -> Optional[User]:
+    """Return the user with this email, if any."""
+    with db.session() as s:
+        return s.scalar(select(User).where(User.email == email.strip().lower()))
+
+
+def create_api_key(user_id: int, name: str = "") -> str:
+    """Create an API key and return its secret, which is never stored or shown again."""
+    secret = new_secret(API_KEY_PREFIX)
+    with db.begin() as s:
+        s.add(ApiKey(user_id=user_id, name=name[:100], prefix=secret[:12], key_hash=hash_secret(secret)))
+    return secret
+
+
+def create_worker_token(user_id: int, name: str = "", shared: bool = False) -> str:
+    """Create a worker identity and return its token, which is never stored or shown again."""
+    secret = new_secret(WORKER_TOKEN_PREFIX)
+    with db.begin() as s:
+        s.add(
+            Worker(
+                user_id=user_id,
+                name=name[:100],
+                token_prefix=secret[:12],
+                token_hash=hash_secret(secret),
+                shared=shared,
+            )
+        )
+    return secret
+
+
+def bearer_secret(header: Optional[str]) -> Optional[str]:
+    """Pull the secret out of an Authorization header."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def authenticate_api_key(header: Optional[str]) -> ApiKey:
+    """Return the live API key named by the header, or raise a 401."""
+    secret = bearer_secret(header)
+    if secret is None:
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    digest = hash_secret(secret)
+    with db.session() as s:
+        key = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
+        # Never echo the key back: it may be a real secret pasted in the wrong place.
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_GRANULARITY:
+        with db.begin() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    return key
+
+
+def authenticate_worker(header: Optional[str]) -> Worker:
+    """Return the live worker named by the header, or raise a 401."""
+    secret = bearer_secret(header)
+    if secret is None:
+        raise ApiError(401, "Send the worker token as 'Authorization: Bearer pgw_...'.", code="missing_token")
+    with db.session() as s:
+        worker = s.scalar(select(Worker).where(Worker.token_hash == hash_secret(secret)))
+    if worker is None or worker.revoked_at is not None:
+        raise ApiError(401, "Unknown or revoked worker token.", code="invalid_worker_token")
+    return worker

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible API: chat completions (plain and streamed) and the model list."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from sqlalchemy import select, update
+
+from . import jobs, relay, tokens
+from .accounts import authenticate_api_key
+from .db import db
+from .errors import ApiError
+from .models import Chunk, Job, Worker, utcnow
+from .validation import validate_chat
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+
+def epoch(moment: dt.datetime) -> int:
+    """Return a naive-UTC datetime as Unix seconds."""
+    return int(moment.replace(tzinfo=dt.timezone.utc).timestamp())
+
+
+def json_body() -> Any:
+    """Parse the request body as JSON or raise a clear 400."""
+    body = request.get_json(silent=True, force=True)
+    if body is None:
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. Send valid JSON with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+        )
+    return body
+
+
+def live_models(user_id: int) -> dict[str, int]:
+    """Map each model a live worker visible to this user advertises to when it was first seen."""
+    since = utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
+    with db.session() as s:
+        workers = s.scalars(
+            select(Worker).where(
+                Worker.revoked_at.is_(None),
+                Worker.last_seen_at > since,
+                (Worker.user_id == user_id) | Worker.shared,
+            )
+        ).all()
+    models: dict[str, int] = {}
+    for worker in workers:
+        for model in worker.models:
+            models[model] = min(models.get(model, epoch(worker.created_at)), epoch(worker.created_at))
+    return models
+
+
+def model_object(model_id: str, created: int) -> dict[str, Any]:
+    """Describe one model the way OpenAI's /v1/models does."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "pollgate"}
+
+
+@bp.get("/models")
+def list_models():
+    """List the models that live workers advertise to this key's user."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    models = live_models(key.user_id)
+    return jsonify({"object": "list", "data": [model_object(m, c) for m, c in sorted(models.items())]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    """Describe one live model, or 404."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    models = live_models(key.user_id)
+    if model_id not in models:
+        raise not_found(model_id)
+    return jsonify(model_object(model_id, models[model_id]))
+
+
+def not_found(model: str) -> ApiError:
+    """Build the 404 a client gets for a model no live worker serves."""
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist or no worker is serving it right now.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    """Queue a chat request for a worker and relay its answer."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    worker_request, stream, include_usage = validate_chat(json_body())
+    model = worker_request["model"]
+    if model not in live_models(key.user_id):
+        raise not_found(model)
+    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, key.user.priority)
+    cfg = current_app.config
+    # Wait for the first output before answering, so a worker that fails at once gives the
+    # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
+    try:
+        job = relay.wait_for_start(job.id, cfg["HEARTBEAT_INTERVAL"] if stream else cfg["JOB_TIMEOUT"])
+    except BaseException:
+        # The caller will never read this job's answer: do not let a worker produce it.
+        jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
+        raise
+    if job.state in jobs.TERMINAL and job.state != "completed" and job.next_seq == 0:
+        raise relay.job_error(job)
+    if stream:
+        return Response(
+            stream_with_context(sse_stream(job, include_usage)),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
+        )
+    return jsonify(collect(job))
+
+
+def chunk_event(job: Job, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    """Build one chat.completion.chunk."""
+    return {
+        "id": job.public_id,
+        "object": "chat.completion.chunk",
+        "created": epoch(job.created_at),
+        "model": job.model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def sse(data: Any) -> str:
+    """Frame one server-sent event."""
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def sse_stream(job: Job, include_usage: bool) -> Iterator[str]:
+    """Relay a job as OpenAI's event stream; a client that leaves cancels the job."""
+    # The role chunk goes out at once: Passenger sends no headers before the first bytes.
+    yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
+    deltas: list[dict[str, Any]] = []
+    finished = False
+    try:
+        for kind, payload in relay.follow(job.id):
+            if kind == "chunks":
+                for chunk in payload:
+                    deltas.append(chunk.delta)
+                    yield sse(chunk_event(job, chunk.delta))
+            elif kind == "heartbeat":
+                yield ": keep-alive\n\n"
+            else:
+                job = payload
+        finished = True
+        if job.state != "completed":
+            yield sse(relay.job_error(job).body())
+            return
+        yield sse(chunk_event(job, {}, job.finish_reason or "stop"))
+        if include_usage:
+            usage_event = chunk_event(job, {})
+            usage_event["choices"] = []
+            usage_event["usage"] = usage_for(job, deltas)
+            yield sse(usage_event)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            # GeneratorExit: the client disconnected; tell the worker to stop.
+            jobs.cancel_job(job.id, "client_gone", "The client disconnected.")
+
+
+def collect(job: Job) -> dict[str, Any]:
+    """Wait for a job to end and build the chat.completion, or raise its error."""
+    chunks: list[Chunk] = []
+    for kind, payload in relay.follow(job.id):
+        if kind == "chunks":
+            chunks.extend(payload)
+        elif kind == "end":
+            job = payload
+    if job.state != "completed":
+        raise relay.job_error(job)
+    deltas = [c.delta for c in chunks]
+    return {
+        "id": job.public_id,
+        "object": "chat.completion",
+        "created": epoch(job.created_at),
+        "model": job.model,
+        "system_fingerprint": None,
+        "choices": [
+            {"index": 0, "message": merge_deltas(deltas), "logprobs": None, "finish_reason": job.finish_reason or "stop"}
+        ],
+        "usage": usage_for(job, deltas),
+    }
+
+
+def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold streamed deltas into one assistant message."""
+    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for field in ("content", "reasoning_content", "refusal"):
+            if isinstance(delta.get(field), str):
+                message[field] = (message.get(field) or "") + delta[field]
+        for part in delta.get("tool_calls") or []:
+            call = calls.setdefault(
+                part.get("index", len(calls)),
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            call["id"] = part.get("id") or call["id"]
+            function = part.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    if message["content"] is None and not calls:
+        message["content"] = ""
+    return message
+
+
+def usage_for(job: Job, deltas: list[dict[str, Any]]) -> dict[str, int]:
+    """Return the job's usage: the worker's own counts, or tiktoken's, recorded on the job."""
+    if job.usage_source == "worker" and job.prompt_tokens is not None and job.completion_tokens is not None:
+        prompt, completion = job.prompt_tokens, job.completion_tokens
+    else:
+        prompt = tokens.count_prompt(job.request["messages"])
+        completion = tokens.count_completion(deltas)
+        with db.begin() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.usage_source.is_(None))
+                .values(prompt_tokens=prompt, completion_tokens=completion, usage_source="tiktoken")
+            )
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+

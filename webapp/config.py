@@ -1,0 +1,34 @@
+"""Default settings; the instance config file and POLLGATE_* environment variables override them."""
+
+# Database: SQLite in the instance folder unless DATABASE_URL says otherwise.
+DATABASE_URL = None
+SECRET_KEY = "dev"  # Replaced by the installer; create_app warns when it is still "dev".
+
+# One request per Passenger process, and shared hosts cap max_user_connections (10-25):
+# keep a tiny pool. Threaded gunicorn nodes raise it.
+DB_POOL_SIZE = 2
+DB_POOL_RECYCLE = 280  # seconds; below MySQL's usual wait_timeout of 300 on shared hosts
+
+# Claim path: "auto" detects SKIP LOCKED (MySQL 8.0.1+, MariaDB 10.6+), else compare-and-swap.
+CLAIM_PATH = "auto"
+
+# Queue timings, in seconds.
+CLAIM_WAIT_MAX = 25.0  # longest a worker's long-poll is held (nginx fronts drop at 60 s)
+LEASE_TTL = 30.0  # a claimed job is lost if its worker stays silent this long
+DISPATCH_TIMEOUT = 30.0  # an API request with no worker picking it up by then gets 503
+JOB_TIMEOUT = 600.0  # hard deadline for a job from submission (504 past it)
+JOB_MAX_ATTEMPTS = 3  # claims per job before a lost worker fails it (AI Horde fails after 2 faults)
+PRIORITY_AGING = 30.0  # one priority step is worth this many seconds of waiting
+MODEL_LIVE_WINDOW = 90.0  # a worker advertises its models this long after it was last seen
+HEARTBEAT_INTERVAL = 15.0  # SSE comment on a silent stream (nginx drops silent sockets at 60 s)
+
+# Wake-ups: waiters watch bell files (a stat per tick) and re-check the database only
+# every WAKE_RECHECK seconds, so an idle long-poll or stream costs about one query a second.
+WAKE_DIR = None  # default: <instance>/bells; point several nodes at one shared folder
+WAKE_TICK = 0.005
+WAKE_RECHECK = 1.0
+REAP_INTERVAL = 5.0  # how often a process reaps expired leases lazily on the request path
+
+# Body limits: MySQL 5.7's max_allowed_packet can be 4 MB.
+MAX_CONTENT_LENGTH = 4 * 1024 * 1024
+MAX_CHUNKS_PER_REPORT = 2000

@@ -1,0 +1,104 @@
+"""One error type for the API and the worker protocol, and the app-level handlers."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# The error `type` OpenAI's clients expect for each status.
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """The request could not be served."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: Optional[str] = None,
+        param: Optional[str] = None,
+        retry_after: Optional[float] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        """Return the OpenAI error envelope."""
+        return error_body(self.status, self.message, self.code, self.param)
+
+
+def error_body(status: int, message: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:
+    """Build {"error": {...}} the way OpenAI's API does."""
+    return {
+        "error": {
+            "message": message,
+            "type": TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def error_response(err: ApiError) -> Response:
+    """Render an ApiError as a JSON response with its status and Retry-After."""
+    resp = jsonify(err.body())
+    resp.status_code = err.status
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, int(round(err.retry_after))))
+    return resp
+
+
+def _is_api_path() -> bool:
+    return request.path.startswith(("/v1/", "/worker/")) or request.path in ("/v1", "/worker")
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers that turn every failure into a clean answer."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(err: ApiError):
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def handle_http(err: HTTPException):
+        if not _is_api_path():
+            return err
+        messages = {
+            404: f"Unknown path {request.path}.",
+            405: f"Method {request.method} is not allowed on {request.path}.",
+            413: f"Request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes.",
+        }
+        code = {404: "unknown_url", 413: "request_too_large"}.get(err.code)
+        message = messages.get(err.code, err.description or err.name)
+        return error_response(ApiError(err.code or 500, message, code=code))
+
+    @app.errorhandler(Exception)
+    def handle_crash(err: Exception):
+        # Log the traceback server-side; the caller gets a clean 500 without internals.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        if not _is_api_path():
+            return "Internal server error", 500
+        return error_response(ApiError(500, "The gateway hit an internal error.", code="internal_error"))

@@ -1,0 +1,368 @@
+"""Every job state transition, each one short transaction; views and cron call these.
+
+States: queued -> running -> completed | failed | cancelled | expired; a running job whose
+worker vanished goes back to queued while it has streamed nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from flask import current_app
+from sqlalchemy import or_, select, update
+
+from . import wake
+from .db import db
+from .models import Chunk, Job, Worker, utcnow
+
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+_last_reap = {"at": 0.0}
+
+
+def _seconds(name: str) -> dt.timedelta:
+    return dt.timedelta(seconds=current_app.config[name])
+
+
+def submit_job(
+    user_id: int,
+    api_key_id: Optional[int],
+    model: str,
+    request: dict[str, Any],
+    stream: bool,
+    priority: int = 0,
+    kind: str = "chat",
+) -> Job:
+    """Queue a job and wake the workers."""
+    now = utcnow()
+    aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
+    job = Job(
+        public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
+        kind=kind,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        model=model,
+        state="queued",
+        priority=priority,
+        rank=int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - priority * aging_ms,
+        stream=stream,
+        request_json=json.dumps(request, separators=(",", ":")),
+        created_at=now,
+        deadline_at=now + _seconds("JOB_TIMEOUT"),
+    )
+    with db.begin() as s:
+        s.add(job)
+    wake.ring("jobs")
+    return job
+
+
+def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str, version: str) -> None:
+    """Record what a worker advertises and that it is alive."""
+    with db.begin() as s:
+        s.execute(
+            update(Worker)
+            .where(Worker.id == worker_id)
+            .values(
+                last_seen_at=utcnow(),
+                models_json=json.dumps(list(models)),
+                capacity=capacity,
+                kind=kind,
+                version=version,
+            )
+        )
+
+
+def _claimable(worker: Worker, models: Sequence[str], now: dt.datetime):
+    query = select(Job.id).where(
+        Job.state == "queued", Job.model.in_(list(models)), Job.deadline_at > now
+    )
+    if not worker.shared:
+        # Least privilege: a worker sees only its owner's jobs unless an admin shared it.
+        query = query.where(Job.user_id == worker.user_id)
+    return query.order_by(Job.rank, Job.id)
+
+
+def _lease_values(worker: Worker, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "state": "running",
+        "worker_id": worker.id,
+        "lease_token": secrets.token_urlsafe(24),
+        "lease_expires_at": now + _seconds("LEASE_TTL"),
+        "attempts": Job.attempts + 1,
+        "claimed_at": now,
+    }
+
+
+def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job]:
+    """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job."""
+    now = utcnow()
+    won: list[int] = []
+    if db.uses_skip_locked():
+        with db.begin() as s:
+            # SKIP LOCKED: rows another claimer has locked are passed over, not waited on,
+            # and the state flip happens in the same short transaction.
+            ids = s.scalars(_claimable(worker, models, now).limit(max_jobs).with_for_update(skip_locked=True)).all()
+            for job_id in ids:
+                s.execute(update(Job).where(Job.id == job_id).values(**_lease_values(worker, now)))
+            won = list(ids)
+    else:
+        with db.session() as s:
+            # Read candidates without locks; extra ones cover those others win first.
+            candidates = s.scalars(_claimable(worker, models, now).limit(max_jobs * 4)).all()
+        for job_id in candidates:
+            # Compare-and-swap, one row per transaction so no claimer holds two row locks:
+            # the UPDATE whose row count is 1 owns the job.
+            with db.begin() as s:
+                result = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == "queued")
+                    .values(**_lease_values(worker, now))
+                )
+            if result.rowcount == 1:
+                won.append(job_id)
+                if len(won) == max_jobs:
+                    break
+    if not won:
+        return []
+    with db.session() as s:
+        jobs = s.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.rank, Job.id)).all()
+    wake.ring(*(wake.job_topic(j.id) for j in jobs))
+    return list(jobs)
+
+
+@dataclass
+class Report:
+    """One job's entry in a worker's chunk report, already validated."""
+
+    public_id: str
+    lease: str
+    chunks: list[tuple[int, dict[str, Any]]]
+    finish: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
+
+
+def apply_report(worker: Worker, report: Report) -> dict[str, Any]:
+    """Store one job's chunks and finish, renew its lease, and say whether to stop."""
+    now = utcnow()
+    rang: list[str] = []
+    with db.begin() as s:
+        # The row lock serialises a retried report racing the original one.
+        job = s.scalar(select(Job).where(Job.public_id == report.public_id).with_for_update())
+        verdict = _check_lease(job, worker, report, now)
+        if verdict is not None:
+            return verdict
+        assert job is not None
+        gap = False
+        for seq, delta in sorted(report.chunks, key=lambda c: c[0]):
+            if seq < job.next_seq:
+                continue  # already stored by an earlier try of this report
+            if seq > job.next_seq:
+                gap = True
+                break
+            s.add(Chunk(job_id=job.id, seq=seq, delta_json=json.dumps(delta, separators=(",", ":")), created_at=now))
+            job.next_seq += 1
+            job.first_chunk_at = job.first_chunk_at or now
+        job.lease_expires_at = now + _seconds("LEASE_TTL")
+        rang.append(wake.job_topic(job.id))
+        if gap:
+            result = {"id": job.public_id, "ok": False, "next_seq": job.next_seq, "stop": False, "reason": "seq_gap"}
+        elif report.finish is not None:
+            _complete(s, job, report.finish, now)
+            result = {"id": job.public_id, "ok": True, "next_seq": job.next_seq, "stop": True, "reason": "finished"}
+        elif report.error is not None:
+            if _fail_or_requeue(s, job, report.error, now):
+                rang.append("jobs")
+            result = {"id": job.public_id, "ok": True, "next_seq": job.next_seq, "stop": True, "reason": "finished"}
+        else:
+            result = {"id": job.public_id, "ok": True, "next_seq": job.next_seq, "stop": False}
+    wake.ring(*rang)
+    return result
+
+
+def _check_lease(job: Optional[Job], worker: Worker, report: Report, now: dt.datetime) -> Optional[dict]:
+    """Return the answer for a report that may not write, or None when it may."""
+    if job is None or job.worker_id != worker.id or job.lease_token != report.lease:
+        return {"id": report.public_id, "ok": False, "next_seq": 0, "stop": True, "reason": "lease_lost"}
+    base = {"id": job.public_id, "next_seq": job.next_seq, "stop": True}
+    if job.state in ("completed", "failed"):
+        return {**base, "ok": True, "reason": "finished"}
+    if job.state == "cancelled":
+        return {**base, "ok": False, "reason": "cancelled"}
+    if job.state == "expired" or job.deadline_at <= now:
+        if job.state == "running":
+            _end(job, "expired", now, "deadline", "The job ran past its deadline.")
+            wake.ring(wake.job_topic(job.id))
+        return {**base, "ok": False, "reason": "deadline"}
+    if job.state != "running":
+        return {**base, "ok": False, "next_seq": 0, "reason": "lease_lost"}
+    return None
+
+
+def _end(job: Job, state: str, now: dt.datetime, code: Optional[str] = None, message: Optional[str] = None) -> None:
+    job.state = state
+    job.finished_at = now
+    job.lease_expires_at = None
+    if code is not None:
+        job.error_code = code
+        job.error_message = message
+
+
+def _complete(s, job: Job, finish: dict[str, Any], now: dt.datetime) -> None:
+    _end(job, "completed", now)
+    job.finish_reason = finish.get("reason") or "stop"
+    usage = finish.get("usage") or {}
+    if usage:
+        job.prompt_tokens = usage.get("prompt_tokens")
+        job.completion_tokens = usage.get("completion_tokens")
+        job.usage_source = "worker"
+    s.execute(update(Worker).where(Worker.id == job.worker_id).values(jobs_served=Worker.jobs_served + 1))
+
+
+def _fail_or_requeue(s, job: Job, error: dict[str, Any], now: dt.datetime) -> bool:
+    """Fail the job, or queue it again when the worker asks and nothing was streamed."""
+    s.execute(update(Worker).where(Worker.id == job.worker_id).values(jobs_failed=Worker.jobs_failed + 1))
+    if error.get("retry") and job.next_seq == 0 and job.attempts < current_app.config["JOB_MAX_ATTEMPTS"]:
+        _requeue(job)
+        return True
+    _end(job, "failed", now, error.get("code") or "upstream_error", error.get("message") or "The worker failed.")
+    return False
+
+
+def _requeue(job: Job) -> None:
+    job.state = "queued"
+    job.worker_id = None
+    job.lease_token = None
+    job.lease_expires_at = None
+
+
+def release_job(worker: Worker, public_id: str, lease: str) -> dict[str, Any]:
+    """Hand a job back: re-queue it if it streamed nothing, else fail it."""
+    now = utcnow()
+    with db.begin() as s:
+        job = s.scalar(select(Job).where(Job.public_id == public_id).with_for_update())
+        if job is None or job.worker_id != worker.id or job.lease_token != lease or job.state != "running":
+            return {"id": public_id, "ok": False, "state": job.state if job else "unknown"}
+        if job.next_seq == 0:
+            _requeue(job)
+            job.attempts = max(0, job.attempts - 1)  # a clean hand-back is not a fault
+        else:
+            _end(job, "failed", now, "worker_released", "The worker shut down while answering.")
+        state, job_id = job.state, job.id
+    wake.ring(wake.job_topic(job_id), *(["jobs"] if state == "queued" else []))
+    return {"id": public_id, "ok": True, "state": state}
+
+
+def cancel_job(job_id: int, code: str = "cancelled", message: str = "The client went away.") -> bool:
+    """Cancel a job that is not finished yet; its worker is told on its next report."""
+    now = utcnow()
+    with db.begin() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+            .values(state="cancelled", finished_at=now, error_code=code, error_message=message, lease_expires_at=None)
+        )
+    wake.ring(wake.job_topic(job_id))
+    return result.rowcount == 1
+
+
+def expire_unclaimed(job_id: int) -> bool:
+    """Give up on a job no worker picked up; False if a worker claimed it meanwhile."""
+    with db.begin() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == "queued")
+            .values(
+                state="expired",
+                finished_at=utcnow(),
+                error_code="no_worker",
+                error_message="No worker picked up the request in time.",
+            )
+        )
+    return result.rowcount == 1
+
+
+def expire_job(job_id: int) -> bool:
+    """End a job that ran past its deadline."""
+    with db.begin() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+            .values(
+                state="expired",
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                error_code="deadline",
+                error_message="The job ran past its deadline.",
+            )
+        )
+    wake.ring(wake.job_topic(job_id))
+    return result.rowcount == 1
+
+
+def read_progress(job_id: int, from_seq: int) -> tuple[Job, list[Chunk]]:
+    """Read a job and its chunks from from_seq on; chunks are fetched only when there are new ones."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        chunks: list[Chunk] = []
+        if job is not None and job.next_seq > from_seq:
+            chunks = list(
+                s.scalars(select(Chunk).where(Chunk.job_id == job_id, Chunk.seq >= from_seq).order_by(Chunk.seq))
+            )
+    # Closing the session ended the read: a snapshot must not outlive one look.
+    return job, chunks
+
+
+def reap_expired(limit: int = 200) -> dict[str, int]:
+    """Re-queue or fail jobs whose lease lapsed, and expire jobs past their deadline."""
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "expired": 0}
+    with db.session() as s:
+        rows = s.execute(
+            select(Job.id, Job.state, Job.lease_token, Job.deadline_at)
+            .where(
+                or_(
+                    (Job.state == "running") & (Job.lease_expires_at < now),
+                    Job.state.in_(("queued", "running")) & (Job.deadline_at < now),
+                )
+            )
+            .limit(limit)
+        ).all()
+    for job_id, state, lease, deadline in rows:
+        if deadline < now:
+            counts["expired"] += expire_job(job_id)
+            continue
+        outcome = _reap_lease(job_id, lease, now)
+        if outcome:
+            counts[outcome] += 1
+    return counts
+
+
+def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional[str]:
+    with db.begin() as s:
+        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        # Compare the lease so a report that renewed it meanwhile wins over the reaper.
+        if job is None or job.state != "running" or job.lease_token != lease or job.lease_expires_at >= now:
+            return None
+        s.execute(update(Worker).where(Worker.id == job.worker_id).values(jobs_failed=Worker.jobs_failed + 1))
+        if job.next_seq == 0 and job.attempts < current_app.config["JOB_MAX_ATTEMPTS"]:
+            _requeue(job)
+            outcome = "requeued"
+        else:
+            message = "The worker stopped answering." + (
+                " The answer was cut off; it is not repeated by another worker." if job.next_seq else ""
+            )
+            _end(job, "failed", now, "worker_lost", message)
+            outcome = "failed"
+    wake.ring(wake.job_topic(job_id), *(["jobs"] if outcome == "requeued" else []))
+    return outcome
+
+
+def reap_if_due() -> None:
+    """Reap lazily from the request path, at most every REAP_INTERVAL seconds per process."""
+    now = time.monotonic()
+    if now - _last_reap["at"] >= current_app.config["REAP_INTERVAL"]:
+        _last_reap["at"] = now
+        reap_expired()

@@ -1,0 +1,166 @@
+"""Validate an OpenAI chat request and reduce it to what a worker receives."""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ApiError
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Passed through to the worker as the client sent them, after a type check.
+NUMBER_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+OPAQUE = {
+    "tools": list,
+    "tool_choice": (str, dict),
+    "response_format": dict,
+    "parallel_tool_calls": bool,
+    "reasoning_effort": str,
+    "user": str,
+    "logit_bias": dict,
+}
+# Accepted and dropped: they describe the client's bookkeeping, not the answer.
+IGNORED = ("metadata", "store", "service_tier", "stream_options", "stream", "model", "messages")
+# Known OpenAI parameters no worker can honour: say so instead of silently ignoring them.
+UNSUPPORTED = {
+    "logprobs": "Log probabilities are not available through Pollgate workers.",
+    "top_logprobs": "Log probabilities are not available through Pollgate workers.",
+    "audio": "Audio output is not supported.",
+    "prediction": "Predicted outputs are not supported.",
+    "functions": "The deprecated 'functions' parameter is not supported; use 'tools'.",
+    "function_call": "The deprecated 'function_call' parameter is not supported; use 'tool_choice'.",
+    "web_search_options": "Web search options are not supported.",
+}
+MAX_STOP = 4
+
+
+def bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
+    """Build a 400 that names the offending parameter."""
+    return ApiError(400, message, code=code, param=param)
+
+
+def validate_chat(body: Any) -> tuple[dict[str, Any], bool, bool]:
+    """Return (worker request, stream, include_usage) or raise a 400 naming the param."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad("You must provide a model parameter.", "model", "missing_required_parameter")
+    out: dict[str, Any] = {"model": model, "messages": _messages(body.get("messages"))}
+    stream = _flag(body, "stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise bad("stream_options is only allowed when stream is true.", "stream_options")
+        if not isinstance(options, dict):
+            raise bad("stream_options must be an object.", "stream_options", "invalid_type")
+        include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    for name, value in body.items():
+        if value is None or name in IGNORED:
+            continue
+        out_value = _param(name, value, body)
+        if out_value is not None:
+            out[name] = out_value
+    return out, stream, include_usage
+
+
+def _flag(obj: dict, name: str, param: str | None = None) -> bool:
+    value = obj.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"{param or name} must be a boolean.", param or name, "invalid_type")
+    return value
+
+
+def _param(name: str, value: Any, body: dict) -> Any:
+    if name in NUMBER_RANGES:
+        low, high = NUMBER_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise bad(f"{name} must be a number between {low:g} and {high:g}.", name)
+        return value
+    if name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f"{name} must be a positive integer.", name)
+        return value
+    if name == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("seed must be an integer.", name, "invalid_type")
+        return value
+    if name == "n":
+        if value != 1 or isinstance(value, bool):
+            raise bad("Only n=1 is supported: each request is served by one worker.", name)
+        return None
+    if name == "stop":
+        return _stop(value)
+    if name in OPAQUE:
+        if not isinstance(value, OPAQUE[name]):
+            raise bad(f"{name} has the wrong type.", name, "invalid_type")
+        return value
+    if name in UNSUPPORTED:
+        if value is False or value == 0:
+            return None
+        raise bad(UNSUPPORTED[name], name, "unsupported_parameter")
+    if name == "modalities":
+        if value != ["text"]:
+            raise bad("Only the text modality is supported.", name, "unsupported_parameter")
+        return None
+    raise bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+
+
+def _stop(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_STOP
+        and all(isinstance(v, str) and v for v in value)
+    ):
+        return value
+    raise bad(f"stop must be a string or a list of 1 to {MAX_STOP} non-empty strings.", "stop")
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty array.", "messages", "missing_required_parameter")
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def _message(i: int, message: Any) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise bad(f"{where} must be an object.", where, "invalid_type")
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role must be one of {', '.join(ROLES)}.", f"{where}.role")
+    content = message.get("content")
+    if content is None:
+        if role != "assistant" or not message.get("tool_calls"):
+            raise bad(f"{where}.content is required.", f"{where}.content", "missing_required_parameter")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            _part(f"{where}.content[{j}]", part)
+    elif not isinstance(content, str):
+        raise bad(f"{where}.content must be a string or an array of parts.", f"{where}.content", "invalid_type")
+    # Keep the message as sent: names, tool_call_id and tool_calls matter to the worker.
+    return message
+
+
+def _part(where: str, part: Any) -> None:
+    if not isinstance(part, dict):
+        raise bad(f"{where} must be an object.", where, "invalid_type")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad(f"{where}.text must be a string.", f"{where}.text", "invalid_type")
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:image/")):
+            raise bad(f"{where}.image_url.url must be an http(s) URL or a data:image/ URL.", f"{where}.image_url.url")
+    else:
+        raise bad(f"{where}.type must be 'text' or 'image_url'.", f"{where}.type", "unsupported_parameter")
