@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -112,7 +113,9 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
         with db.session() as s:
             # Read candidates without locks; extra ones cover those others win first.
             candidates = s.scalars(_claimable(worker, models, now).limit(max_jobs * 4)).all()
-        for job_id in candidates:
+        candidates = list(candidates)
+        while candidates and len(won) < max_jobs:
+            job_id = candidates.pop(0)
             # Compare-and-swap, one row per transaction so no claimer holds two row locks:
             # the UPDATE whose row count is 1 owns the job.
             with db.begin() as s:
@@ -123,8 +126,10 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
                 )
             if result.rowcount == 1:
                 won.append(job_id)
-                if len(won) == max_jobs:
-                    break
+            else:
+                # Lost a race: others are claiming the same head of the queue. Spread out
+                # over the rest instead of queueing behind them on each row's lock.
+                random.shuffle(candidates)
     if not won:
         return []
     with db.session() as s:
@@ -355,6 +360,7 @@ def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional
                 " The answer was cut off; it is not repeated by another worker." if job.next_seq else ""
             )
             _end(job, "failed", now, "worker_lost", message)
+            job.lease_token = None  # a late report from the lost worker gets lease_lost
             outcome = "failed"
     wake.ring(wake.job_topic(job_id), *(["jobs"] if outcome == "requeued" else []))
     return outcome

@@ -1,0 +1,351 @@
+"""Backends turn one job's chat request into a stream of events.
+
+A backend is a plain generator function `run(request, config, stop)`:
+
+- `request` is the job's chat request as the gateway sent it (no `stream` field);
+- `config` is the worker-wide `BackendConfig`;
+- `stop` is a `StopSignal` the worker sets when the gateway says to stop the job.
+
+It yields `{"delta": {...}}` for each piece of output (any of `content`,
+`reasoning_content`, `refusal`, `tool_calls`) and ends with one
+`{"finish": {"reason": ..., "usage": {...}}}` (usage optional). It raises `BackendError`
+when the job fails, and simply returns, yielding nothing more, once `stop` is set.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+import urllib3
+
+from .retry import describe_error
+
+Event = dict[str, Any]
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+DELTA_FIELDS = ("content", "reasoning_content", "refusal", "tool_calls")
+_CONTEXT_WORDS = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.I)
+
+
+class BackendError(Exception):
+    """The backend could not answer the job."""
+
+    def __init__(self, code: str = "upstream_error", message: str | None = None, retry: bool = False) -> None:
+        super().__init__(message or self.__doc__)
+        self.code = code
+        self.retry = retry
+
+    def as_report(self) -> dict[str, Any]:
+        """Describe the failure as the protocol's `error` object."""
+        return {"code": self.code, "message": str(self)[:2000], "retry": self.retry}
+
+
+class StopSignal:
+    """A flag the worker raises to stop a job, which also runs callbacks to unblock reads."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        """Raise the flag and run the registered callbacks once."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        """Tell whether the job should stop."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to timeout seconds; return True as soon as the flag is raised."""
+        return self._event.wait(timeout)
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Run callback when the flag is raised (at once if it already is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
+@dataclass
+class BackendConfig:
+    """Settings shared by every job of one worker."""
+
+    upstream_url: str = ""
+    upstream_key: str = ""
+    echo_delay: float = 0.0
+    # Long: a big prompt can take minutes before the first token; the gateway's own
+    # deadline stops a job that truly hangs.
+    read_timeout: float = 600.0
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def headers(self) -> dict[str, str]:
+        """Return the upstream's auth header, if a key is set."""
+        return {"Authorization": f"Bearer {self.upstream_key}"} if self.upstream_key else {}
+
+
+# -- echo ---------------------------------------------------------------------------
+
+
+def last_user_text(messages: list[Any]) -> str:
+    """Return the text of the last user message; list content is its text parts joined by spaces."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                return " ".join(t for t in texts if isinstance(t, str))
+            return ""
+    return ""
+
+
+def split_words(text: str) -> list[str]:
+    """Split text into words that keep their whitespace, so joining them gives the text back."""
+    # The first piece also takes any leading whitespace; later pieces start at a word
+    # because the previous piece swallowed the whitespace before it.
+    pieces = re.findall(r"\s*\S+\s*", text)
+    return pieces or ([text] if text else [])
+
+
+def run_echo(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Iterator[Event]:
+    """Stream back the last user message word by word."""
+    words = split_words(last_user_text(request.get("messages") or []))
+    if not words:
+        yield {"delta": {"content": ""}}
+    for i, word in enumerate(words):
+        if i and config.echo_delay > 0 and stop.wait(config.echo_delay):
+            return
+        if stop.is_set():
+            return
+        yield {"delta": {"content": word}}
+    yield {"finish": {"reason": "stop"}}
+
+
+# -- OpenAI-compatible upstream -----------------------------------------------------
+
+
+def list_upstream_models(config: BackendConfig) -> list[str]:
+    """Ask the upstream's GET /models for the model ids it serves."""
+    url = config.upstream_url.rstrip("/") + "/models"
+    try:
+        response = config.session.get(url, headers=config.headers(), timeout=(10, 30))
+    except requests.RequestException as exc:
+        raise BackendError("upstream_unavailable", f"cannot reach the upstream at {config.upstream_url}: {describe_error(exc)}", True) from None
+    with response:
+        if response.status_code >= 400:
+            message, _ = _upstream_error(response)
+            raise BackendError("upstream_error", f"GET {url} answered HTTP {response.status_code}: {message}")
+        try:
+            data = response.json().get("data")
+            return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (ValueError, AttributeError, TypeError):
+            raise BackendError("upstream_error", f"GET {url} did not answer an OpenAI model list") from None
+
+
+def run_openai(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Iterator[Event]:
+    """Stream the job through an OpenAI-compatible /chat/completions upstream."""
+    body = {**request, "stream": True, "stream_options": {"include_usage": True}}
+    response = _open_stream(config, body)
+    with response:
+        # Closing the response from the worker's thread waits for the blocked read;
+        # shutting the socket down wakes it at once, even in the middle of a long prefill.
+        stop.on_set(lambda: _shut_down(response))
+        if stop.is_set():
+            return
+        if response.headers.get("Content-Type", "").startswith("application/json"):
+            yield from _relay_whole(response)  # an upstream that ignored stream=true
+        else:
+            yield from _relay_stream(response, stop)
+
+
+def _open_stream(config: BackendConfig, body: dict[str, Any]) -> requests.Response:
+    url = config.upstream_url.rstrip("/") + "/chat/completions"
+    while True:
+        try:
+            response = config.session.post(
+                url, json=body, headers=config.headers(), stream=True, timeout=(10, config.read_timeout)
+            )
+        except requests.RequestException as exc:
+            raise BackendError("upstream_unavailable", f"upstream: {describe_error(exc)}", retry=True) from None
+        if response.status_code < 400:
+            return response
+        with response:
+            message, code = _upstream_error(response)
+        # Older servers reject stream_options; usage then comes from the gateway's count.
+        if response.status_code == 400 and "stream_options" in body and "stream_options" in message:
+            body = {k: v for k, v in body.items() if k != "stream_options"}
+            continue
+        raise upstream_http_error(response.status_code, message, code)
+
+
+def upstream_http_error(status: int, message: str, code: str = "") -> BackendError:
+    """Map an upstream HTTP error to the protocol's error code."""
+    text = f"upstream HTTP {status}: {message}"
+    if status in (400, 413, 422):
+        if code == "context_length_exceeded" or _CONTEXT_WORDS.search(message):
+            return BackendError("context_length_exceeded", text)
+        return BackendError("invalid_request", text)
+    if status == 404:
+        return BackendError("model_not_found", text)
+    if status == 429:
+        return BackendError("rate_limited", text)
+    # A bad upstream key (401/403) or a failing server is this worker's problem: another may succeed.
+    return BackendError("upstream_error", text, retry=status >= 500 or status in (401, 403))
+
+
+def _upstream_error(response: requests.Response) -> tuple[str, str]:
+    """Return an upstream error's message and code from any of the usual error shapes."""
+    try:
+        body = response.json()
+    except ValueError:
+        return " ".join(response.text.split())[:500], ""
+    return _error_text(body.get("error", body) if isinstance(body, dict) else body)
+
+
+def _shut_down(response: requests.Response) -> None:
+    """Shut the response's socket down so a read blocked in another thread returns."""
+    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _sse_lines(response: requests.Response) -> Iterator[str]:
+    """Yield an event stream's lines as soon as each arrives."""
+    raw = response.raw
+    if getattr(raw, "chunked", True) or not hasattr(raw, "read1"):
+        pieces = response.iter_content(chunk_size=8192)  # chunked: one piece per HTTP chunk
+    else:
+        # A plain read of a close-delimited body waits for the whole 8 KiB; read1 does not.
+        pieces = iter(lambda: raw.read1(8192), b"")
+    buffer = b""
+    for piece in pieces:
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
+
+
+def _relay_stream(response: requests.Response, stop: StopSignal) -> Iterator[Event]:
+    streamed, done = False, False
+    finish_reason, usage = None, None
+    try:
+        for line in _sse_lines(response):
+            if stop.is_set():
+                return
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event: and id: lines
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
+                message, _ = _error_text(chunk["error"])
+                raise BackendError("upstream_error", f"upstream: {message}", retry=not streamed)
+            usage = _usage(chunk.get("usage")) or usage
+            for choice in chunk.get("choices") or []:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue  # one answer per job
+                delta = _clean_delta(choice.get("delta"))
+                if delta:
+                    streamed = True
+                    yield {"delta": delta}
+                finish_reason = choice.get("finish_reason") or finish_reason
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        if stop.is_set():
+            return
+        raise BackendError("upstream_error", f"upstream stream broke: {describe_error(exc)}", retry=not streamed) from None
+    if stop.is_set():
+        return
+    if not done and finish_reason is None:
+        raise BackendError("upstream_error", "the upstream closed the stream before it finished", retry=not streamed)
+    yield _finish(finish_reason, usage)
+
+
+def _relay_whole(response: requests.Response) -> Iterator[Event]:
+    try:
+        body = response.json()
+        choice = body["choices"][0]
+        message = dict(choice.get("message") or {})
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise BackendError("upstream_error", "the upstream answered JSON that is not a chat completion") from None
+    if isinstance(message.get("tool_calls"), list):
+        # Streamed tool calls carry their position in the list.
+        message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+    delta = _clean_delta(message)
+    if delta:
+        yield {"delta": delta}
+    yield _finish(choice.get("finish_reason"), _usage(body.get("usage")))
+
+
+def _error_text(error: Any) -> tuple[str, str]:
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("detail") or json.dumps(error)
+        return str(message)[:500], str(error.get("code") or "")
+    return str(error)[:500], ""
+
+
+def _clean_delta(delta: Any) -> dict[str, Any]:
+    """Keep the delta fields the protocol relays, dropping empty ones and the role."""
+    if not isinstance(delta, dict):
+        return {}
+    if "reasoning_content" not in delta and isinstance(delta.get("reasoning"), str):
+        delta = {**delta, "reasoning_content": delta["reasoning"]}  # Ollama and OpenRouter spell it so
+    clean: dict[str, Any] = {}
+    for name in DELTA_FIELDS:
+        value = delta.get(name)
+        if name == "tool_calls" and isinstance(value, list) and value:
+            clean[name] = value
+        elif name != "tool_calls" and isinstance(value, str) and value:
+            clean[name] = value
+    return clean
+
+
+def _usage(usage: Any) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    counts = {name: usage.get(name) for name in ("prompt_tokens", "completion_tokens")}
+    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+        return counts  # type: ignore[return-value]
+    return None
+
+
+def _finish(reason: Any, usage: dict[str, int] | None) -> Event:
+    if reason == "function_call":
+        reason = "tool_calls"
+    finish: dict[str, Any] = {"reason": reason if reason in FINISH_REASONS else "stop"}
+    if usage:
+        finish["usage"] = usage
+    return {"finish": finish}
+
+
+BACKENDS: dict[str, Callable[[dict[str, Any], BackendConfig, StopSignal], Iterator[Event]]] = {
+    "echo": run_echo,
+    "openai": run_openai,
+}

@@ -1,0 +1,273 @@
+"""The worker loop: claim while slots are free, run each job in a thread, drain on shutdown."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from .backends import BACKENDS, BackendConfig, BackendError
+from .gateway import Gateway, GatewayBusy, GatewayError, GatewayUnavailable, TokenRejected
+from .reporter import Job, Reporter
+from .retry import Backoff
+
+log = logging.getLogger("pollclient")
+
+STATUS_EVERY = 60.0  # seconds between "running 2/4, served 10, failed 0" lines
+TICK = 0.1  # how often the main thread looks at its flags
+MAX_JOBS_PER_CLAIM = 32  # the protocol's limit on max_jobs
+
+
+class Worker:
+    """One worker process: a claim thread, a report thread and one thread per running job."""
+
+    def __init__(self, settings: argparse.Namespace, gateway: Gateway, config: BackendConfig) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.config = config
+        self.backend = BACKENDS[settings.backend]
+        self.capacity: int = settings.max_concurrent
+        self.reporter = Reporter(gateway, settings.flush_interval, self._job_done, self._fatal)
+        self.stopping = threading.Event()  # no more claims
+        self.signals = 0  # only ever incremented by the signal handler, which must not take locks
+        self.exit_code = 0
+        self.claimed = 0
+        self.claim_in_flight = False
+        self.counts = {"served": 0, "failed": 0, "stopped": 0}
+        self.counts_lock = threading.Lock()
+
+    def run(self) -> int:
+        """Serve jobs until a signal, a fatal error or --max-jobs; return the exit status."""
+        self._install_signal_handlers()
+        log.info(
+            "pollclient starting: gateway %s, backend %s, models %s, capacity %d",
+            self.gateway.base_url, self.settings.backend, ", ".join(self.settings.models), self.capacity,
+        )
+        flusher = threading.Thread(target=self.reporter.loop, name="reporter", daemon=True)
+        poller = threading.Thread(target=self._claim_loop, name="claim", daemon=True)
+        flusher.start()
+        poller.start()
+        next_status = time.monotonic() + STATUS_EVERY
+        while not self.signals and not self.stopping.is_set() and not self._all_done():
+            time.sleep(TICK)
+            if time.monotonic() >= next_status:
+                next_status += STATUS_EVERY
+                log.info("status: %s", self.status())
+        self.stopping.set()
+        self.reporter.stop_accepting()
+        if self.exit_code:
+            self.reporter.take_all()  # the gateway refused us: nothing can be reported or released
+        else:
+            self._drain()
+        self.reporter.close()
+        flusher.join(timeout=2)
+        # The claim thread may be releasing jobs that came in late: wait for it, but not
+        # for a long-poll still open (a job it brings returns to the queue when its lease expires).
+        deadline = time.monotonic() + 20
+        while poller.is_alive() and not self.claim_in_flight and time.monotonic() < deadline:
+            poller.join(TICK)
+        log.info("pollclient stopped: %s", self.status())
+        return self.exit_code
+
+    def status(self) -> str:
+        """Summarize the work so far in one short line."""
+        with self.counts_lock:
+            counts = dict(self.counts)
+        line = f"running {self.reporter.running()}/{self.capacity}, served {counts['served']}, failed {counts['failed']}"
+        return line + (f", stopped by the gateway {counts['stopped']}" if counts["stopped"] else "")
+
+    def _all_done(self) -> bool:
+        limit = self.settings.max_jobs
+        return bool(limit) and self.claimed >= limit and self.reporter.running() == 0
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        try:
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+        except ValueError:
+            pass  # not the main thread (tests): shutdown comes from elsewhere
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Runs between two bytecodes of the main thread: taking a lock or logging here could
+        # deadlock with the code it interrupted, so only count; the main loop does the rest.
+        self.signals += 1
+        if self.signals >= 3:
+            raise SystemExit(130)
+
+    def _drain(self) -> None:
+        """Let running jobs finish for up to --drain-timeout, then release the rest."""
+        running = self.reporter.running()
+        if running:
+            log.info(
+                "shutting down: letting %d running job(s) finish, up to %g s (Ctrl-C again to release them now)",
+                running, self.settings.drain_timeout,
+            )
+        else:
+            log.info("shutting down")
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.reporter.running() and time.monotonic() < deadline and self.signals < 2 and not self.exit_code:
+            time.sleep(TICK)
+        leftover = self.reporter.take_all()
+        if leftover:
+            self._release(leftover)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """Hand jobs back to the gateway so another worker can take them."""
+        try:
+            results = self.gateway.release([{"id": job.id, "lease": job.lease} for job in jobs])
+        except GatewayError as exc:
+            log.warning("could not release %d job(s): %s (the gateway takes them back when their leases expire)", len(jobs), exc)
+            return
+        states = {r.get("id"): r.get("state") or r.get("reason") or "?" for r in results if isinstance(r, dict)}
+        log.info("released %d job(s): %s", len(jobs), ", ".join(f"{job.id} ({states.get(job.id, '?')})" for job in jobs))
+
+    def _fatal(self, message: str) -> None:
+        """Stop the worker with exit status 1 after a problem retrying cannot fix."""
+        if not self.exit_code:
+            log.error(message)
+            self.exit_code = 1
+        self.stopping.set()
+
+    # -- claiming --------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        """Hold one long-poll open while slots are free; back off while the gateway is away."""
+        backoff = Backoff(first=1.0, cap=30.0)
+        state, ever_connected = "starting", False
+        while not self.stopping.is_set():
+            free = self.reporter.wait_for_slot(self.capacity, timeout=1.0)
+            if self.settings.max_jobs:
+                free = min(free, self.settings.max_jobs - self.claimed)
+                if free <= 0 and self.claimed >= self.settings.max_jobs:
+                    return
+            if free <= 0 or self.stopping.is_set():
+                continue  # every slot busy: no poll until one frees
+            # Until a claim succeeds, ask for an answer at once: the user sees "connected" (or
+            # the error) now rather than after a whole idle long-poll.
+            wait = self.settings.poll_wait if state == "connected" else 0
+            self.claim_in_flight = True
+            try:
+                answer = self.gateway.claim(self.settings.models, min(free, MAX_JOBS_PER_CLAIM), self.capacity, wait)
+            except TokenRejected as exc:
+                self._fatal(f"the gateway refused the worker token: {exc}")
+                return
+            except GatewayBusy as exc:
+                if state != "busy":
+                    log.warning("the gateway is busy (%s); waiting %.0f s between tries", exc, exc.retry_after)
+                state = "busy"
+                self.stopping.wait(exc.retry_after)
+                continue
+            except GatewayUnavailable as exc:
+                delay = backoff.next()
+                if state != "unreachable":
+                    log.warning("cannot reach the gateway at %s: %s; retrying with backoff", self.gateway.base_url, exc)
+                log.debug("next claim in %.1f s", delay)
+                state = "unreachable"
+                self.stopping.wait(delay)
+                continue
+            except GatewayError as exc:
+                self._fatal(f"the gateway refused the claim: {exc} (check --api-url and --models)")
+                return
+            finally:
+                self.claim_in_flight = False
+            backoff.reset()
+            if state != "connected":
+                self._log_connected(answer, again=ever_connected)
+                state, ever_connected = "connected", True
+            self._start_jobs(answer.get("jobs") or [])
+
+    def _log_connected(self, answer: dict[str, Any], again: bool) -> None:
+        worker = answer.get("worker") if isinstance(answer.get("worker"), dict) else {}
+        log.info(
+            "%s %s as worker %s (id %s); serving %s; capacity %d",
+            "reconnected to" if again else "connected to", self.gateway.base_url,
+            worker.get("name", "?"), worker.get("id", "?"), ", ".join(self.settings.models), self.capacity,
+        )
+
+    def _start_jobs(self, entries: list[Any]) -> None:
+        """Start a thread per claimed job; release at once the jobs that came after shutdown began."""
+        late = []
+        for entry in entries:
+            job = _job_from(entry)
+            if job is None:
+                log.warning("ignoring a malformed job from the gateway: %.200r", entry)
+                continue
+            if not self.reporter.add(job):
+                late.append(job)
+                continue
+            self.claimed += 1
+            log.info("job %s started: model %s, attempt %d", job.id, job.model, job.attempt)
+            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.id[-8:]}", daemon=True).start()
+        if late:
+            log.info("shutting down: releasing %d job(s) claimed meanwhile", len(late))
+            self._release(late)
+
+    # -- one job ---------------------------------------------------------------------
+
+    def _run_job(self, job: Job) -> None:
+        """Feed the backend's events to the reporter until the job ends or is stopped."""
+        events = self.backend(job.request, self.config, job.stop)
+        end: dict[str, Any] | None = None
+        try:
+            for event in events:
+                if "delta" in event:
+                    if not self.reporter.push(job, event["delta"]):
+                        break  # the gateway said stop
+                elif "finish" in event:
+                    end = {"finish": event["finish"]}
+                    break
+        except BackendError as exc:
+            end = {"error": exc.as_report()}
+        except Exception as exc:  # a bug in a backend must fail the job, not kill the worker
+            log.exception("job %s: the %s backend crashed", job.id, self.settings.backend)
+            end = {"error": {"code": "upstream_error", "message": f"worker error: {type(exc).__name__}", "retry": job.next_seq == 0}}
+        finally:
+            events.close()
+        if not job.stop.is_set():
+            self.reporter.finish(job, end or {"finish": {"reason": "stop"}})
+
+    def _job_done(self, job: Job, reason: str) -> None:
+        """Log how a job ended and count it (called once the gateway has the last word)."""
+        seconds = time.monotonic() - job.started
+        error = (job.end or {}).get("error")
+        if reason == "finished" and job.end and not error:
+            outcome = "served"
+            finish = job.end["finish"]
+            log.info(
+                "job %s finished: model %s, %d chunks, %.2f s, %s",
+                job.id, job.model, job.next_seq, seconds, finish.get("reason", "stop"),
+            )
+        elif reason == "finished" and error:
+            outcome = "failed"
+            log.warning(
+                "job %s failed after %.2f s: %s: %s%s", job.id, seconds, error.get("code"), error.get("message"),
+                " (the gateway may give it to another worker)" if error.get("retry") and job.next_seq == 0 else "",
+            )
+        elif reason in ("cancelled", "deadline", "lease_lost", "finished"):
+            outcome = "stopped"
+            log.info("job %s stopped by the gateway (%s) after %.2f s, %d chunks", job.id, reason, seconds, job.next_seq)
+        else:
+            outcome = "failed"
+            log.warning("job %s dropped after %.2f s (%s)", job.id, seconds, reason)
+        with self.counts_lock:
+            self.counts[outcome] += 1
+
+
+def _job_from(entry: Any) -> Job | None:
+    """Build a Job from one claimed entry, or None when it lacks what a report needs."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not isinstance(entry.get("lease"), str):
+        return None
+    request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+    ttl = entry.get("lease_ttl")
+    return Job(
+        id=entry["id"],
+        lease=entry["lease"],
+        model=str(entry.get("model") or request.get("model") or "?"),
+        request=request,
+        lease_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 30.0,
+        attempt=entry.get("attempt") if isinstance(entry.get("attempt"), int) else 1,
+    )

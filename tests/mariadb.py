@@ -1,0 +1,126 @@
+"""A throwaway MariaDB server on loopback, started and stopped by the test suite."""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+import pymysql
+
+SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec")
+
+
+def find(*names: str) -> Optional[str]:
+    """Find the first of these programs on PATH or in the usual sbin folders."""
+    for name in names:
+        found = shutil.which(name) or next(
+            (os.path.join(d, name) for d in SEARCH if os.access(os.path.join(d, name), os.X_OK)), None
+        )
+        if found:
+            return found
+    return None
+
+
+def free_port() -> int:
+    """Ask the kernel for a free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MariaDB:
+    """One mariadbd process in a temporary data folder, with a password user for the app."""
+
+    USER, PASSWORD = "pollgate", "pollgate-test"
+
+    def __init__(self) -> None:
+        self.server = find("mariadbd", "mysqld")
+        self.installer = find("mariadb-install-db", "mysql_install_db")
+        self.dir = ""
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = 0
+        self._names = itertools.count(1)
+
+    @property
+    def available(self) -> bool:
+        """Tell whether the server binaries are installed."""
+        return bool(self.server and self.installer)
+
+    def start(self) -> None:
+        """Create a data folder, start the server and a password user for the tests."""
+        self.dir = tempfile.mkdtemp(prefix="pollgate-mariadb-")
+        data = os.path.join(self.dir, "data")
+        subprocess.run(
+            [self.installer, "--no-defaults", f"--datadir={data}", "--user=" + _user(),
+             "--auth-root-authentication-method=normal", "--skip-test-db"],
+            check=True, capture_output=True, timeout=120,
+        )
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [self.server, "--no-defaults", f"--datadir={data}", f"--socket={self.socket}",
+             f"--port={self.port}", "--bind-address=127.0.0.1", "--user=" + _user(),
+             "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--max-connections=500",
+             "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.dir}/error.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self._wait_ready()
+        with self.root() as conn, conn.cursor() as cur:
+            for host in ("127.0.0.1", "localhost"):
+                cur.execute(f"CREATE USER IF NOT EXISTS '{self.USER}'@'{host}' IDENTIFIED BY '{self.PASSWORD}'")
+                cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{self.USER}'@'{host}'")
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.dir, "mariadb.sock")
+
+    def root(self) -> pymysql.Connection:
+        """Connect as root over the socket."""
+        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True)
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mariadbd exited; see {self.dir}/error.log")
+            try:
+                self.root().close()
+                return
+            except pymysql.err.OperationalError:
+                time.sleep(0.1)
+        raise RuntimeError("mariadbd did not start in time")
+
+    def new_database(self) -> str:
+        """Create an empty database and return its SQLAlchemy URL (over TCP, as a password user)."""
+        name = f"pg_test_{os.getpid()}_{next(self._names)}"
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        return f"mysql+pymysql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}?charset=utf8mb4"
+
+    def drop_database(self, url: str) -> None:
+        """Drop a database made by new_database."""
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+    def stop(self) -> None:
+        """Stop the server and remove its data."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()

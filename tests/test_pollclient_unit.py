@@ -1,0 +1,631 @@
+"""The pollclient without the real gateway: backends against a fake upstream, the CLI as a
+subprocess, and the worker loop against a small in-test fake of the worker protocol."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pollclient.backends import (
+    BackendConfig,
+    BackendError,
+    StopSignal,
+    list_upstream_models,
+    run_echo,
+    run_openai,
+    split_words,
+    upstream_http_error,
+)
+from tests.fake_upstream import ANSWER, REASONING, TOOL_ARGUMENTS, FakeUpstream, start_fake_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "pgw_test_secret_token_123"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with start_fake_upstream() as server:
+        yield server
+
+
+@pytest.fixture
+def config(upstream: FakeUpstream) -> Iterator[BackendConfig]:
+    cfg = BackendConfig(upstream_url=upstream.url, upstream_key="sk-upstream")
+    yield cfg
+    cfg.session.close()
+
+
+def chat(model: str, text: str = "Hello", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def joined(events: list[dict[str, Any]], field: str = "content") -> str:
+    return "".join(e["delta"].get(field, "") for e in events if "delta" in e)
+
+
+# -- echo ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world",
+        "  leading and trailing  ",
+        "multi\n\nline\twith  tabs\r\n",
+        "one",
+        "   ",
+        "héllo wörld ✓ 日本語",
+    ],
+)
+def test_echo_streams_word_by_word_exactly(text: str) -> None:
+    events = list(run_echo(chat("echo", text), BackendConfig(), StopSignal()))
+    deltas = [e["delta"]["content"] for e in events if "delta" in e]
+    assert "".join(deltas) == text
+    assert all(len(d.split()) <= 1 for d in deltas)  # one word per delta, whitespace kept
+    assert len(deltas) == max(1, len(text.split()))
+    assert events[-1] == {"finish": {"reason": "stop"}}
+
+
+def test_echo_joins_text_parts_and_uses_the_last_user_message() -> None:
+    request = {
+        "model": "echo",
+        "messages": [
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "look at"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "this  picture"},
+            ]},
+            {"role": "assistant", "content": "a prefill that is not echoed"},
+        ],
+    }
+    assert joined(list(run_echo(request, BackendConfig(), StopSignal()))) == "look at this  picture"
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "user", "content": ""}], [{"role": "system", "content": "x"}]])
+def test_echo_answers_an_empty_message_with_empty_content(messages: list[dict[str, Any]]) -> None:
+    events = list(run_echo({"model": "echo", "messages": messages}, BackendConfig(), StopSignal()))
+    assert events == [{"delta": {"content": ""}}, {"finish": {"reason": "stop"}}]
+
+
+def test_split_words_keeps_every_character() -> None:
+    assert split_words(" a  b\n") == [" a  ", "b\n"]
+    assert split_words("") == []
+
+
+def test_echo_delay_is_honoured_and_stop_interrupts_it() -> None:
+    config = BackendConfig(echo_delay=0.1)
+    started = time.monotonic()
+    assert joined(list(run_echo(chat("echo", "a b c"), config, StopSignal()))) == "a b c"
+    assert 0.18 < time.monotonic() - started < 1.0
+
+    stop = StopSignal()
+    events = run_echo(chat("echo", "a b c d e f"), BackendConfig(echo_delay=5), stop)
+    assert next(events) == {"delta": {"content": "a "}}
+    threading.Timer(0.1, stop.set).start()
+    started = time.monotonic()
+    assert list(events) == []  # no finish once stopped
+    assert time.monotonic() - started < 1.0
+
+
+# -- openai --------------------------------------------------------------------------
+
+
+def test_openai_streams_content_and_usage(upstream: FakeUpstream, config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-chat", temperature=0.2, max_tokens=20), config, StopSignal()))
+    assert joined(events) == ANSWER
+    assert len([e for e in events if "delta" in e]) > 3  # streamed in pieces, not in one go
+    assert events[-1] == {"finish": {"reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 7}}}
+    sent = upstream.requests[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["Authorization"] == "Bearer sk-upstream"
+    assert sent["body"]["stream"] is True
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+    assert sent["body"]["temperature"] == 0.2 and sent["body"]["max_tokens"] == 20
+    assert all(set(e["delta"]) <= {"content"} for e in events if "delta" in e)  # no role, no empty fields
+
+
+def test_openai_streams_reasoning_before_content(config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-reasoning"), config, StopSignal()))
+    deltas = [e["delta"] for e in events if "delta" in e]
+    assert joined(events, "reasoning_content") == REASONING
+    assert joined(events) == ANSWER
+    first_content = next(i for i, d in enumerate(deltas) if "content" in d)
+    assert all("reasoning_content" in d for d in deltas[:first_content])
+
+
+def test_openai_streams_tool_calls(config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-tools", tools=[{"type": "function", "function": {"name": "get_weather"}}]), config, StopSignal()))
+    calls = [c for e in events if "delta" in e for c in e["delta"]["tool_calls"]]
+    assert calls[0]["id"] == "call_1" and calls[0]["function"]["name"] == "get_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == "".join(TOOL_ARGUMENTS)
+    assert all(c["index"] == 0 for c in calls)
+    assert events[-1]["finish"]["reason"] == "tool_calls"
+
+
+def test_openai_retries_without_stream_options_when_refused(upstream: FakeUpstream, config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-old"), config, StopSignal()))
+    assert joined(events) == ANSWER
+    assert events[-1] == {"finish": {"reason": "stop"}}  # no usage: the gateway counts
+    bodies = [r["body"] for r in upstream.requests]
+    assert "stream_options" in bodies[0] and "stream_options" not in bodies[1]
+
+
+def test_openai_accepts_an_upstream_that_ignores_stream(config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-json"), config, StopSignal()))
+    assert events == [
+        {"delta": {"content": ANSWER}},
+        {"finish": {"reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 8}}},
+    ]
+
+
+def test_openai_reads_a_close_delimited_stream_as_it_arrives() -> None:
+    with start_fake_upstream(delay=0.2) as server:
+        config = BackendConfig(upstream_url=server.url)
+        started = time.monotonic()
+        events = run_openai(chat("fake-close"), config, StopSignal())
+        assert next(events) == {"delta": {"content": "Hello,"}}
+        assert time.monotonic() - started < 0.6  # not after the whole 1.8 s body
+        assert joined(list(events)) == ANSWER[len("Hello,"):]
+        config.session.close()
+
+
+@pytest.mark.parametrize(
+    "model, code, retry",
+    [
+        ("fake-400", "invalid_request", False),
+        ("fake-context", "context_length_exceeded", False),
+        ("no-such-model", "model_not_found", False),
+        ("fake-429", "rate_limited", False),
+        ("fake-500", "upstream_error", True),
+        ("fake-401", "upstream_error", True),
+    ],
+)
+def test_openai_maps_upstream_http_errors(config: BackendConfig, model: str, code: str, retry: bool) -> None:
+    with pytest.raises(BackendError) as caught:
+        list(run_openai(chat(model), config, StopSignal()))
+    assert caught.value.code == code
+    assert caught.value.retry is retry
+    report = caught.value.as_report()
+    assert report["code"] == code and report["message"].startswith("upstream HTTP ")
+
+
+@pytest.mark.parametrize(
+    "status, message, code",
+    [
+        (400, "prompt is too long: 9000 tokens > 8192", "context_length_exceeded"),
+        (400, "bad temperature", "invalid_request"),
+        (422, "field required", "invalid_request"),
+        (503, "overloaded", "upstream_error"),
+    ],
+)
+def test_upstream_http_error_table(status: int, message: str, code: str) -> None:
+    assert upstream_http_error(status, message).code == code
+
+
+def test_openai_unreachable_upstream_is_retryable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    config = BackendConfig(upstream_url=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(BackendError) as caught:
+        list(run_openai(chat("fake-chat"), config, StopSignal()))
+    assert (caught.value.code, caught.value.retry) == ("upstream_unavailable", True)
+    assert "connection refused" in str(caught.value)
+    config.session.close()
+
+
+@pytest.mark.parametrize("model", ["fake-drop", "fake-error-event"])
+def test_openai_failure_after_output_is_not_retried(config: BackendConfig, model: str) -> None:
+    events = run_openai(chat(model), config, StopSignal())
+    assert "content" in next(events)["delta"]
+    with pytest.raises(BackendError) as caught:
+        list(events)
+    assert (caught.value.code, caught.value.retry) == ("upstream_error", False)
+
+
+def test_openai_stop_closes_the_upstream_stream(upstream: FakeUpstream, config: BackendConfig) -> None:
+    stop = StopSignal()
+    events = run_openai(chat("fake-slow"), config, stop)
+    assert next(events) == {"delta": {"content": "w0 "}}
+    stop.set()
+    assert list(events) == []
+    assert upstream.wait_closed_early("fake-slow")
+    assert "fake-slow" not in upstream.finished
+
+
+def test_openai_stop_interrupts_a_silent_upstream(config: BackendConfig) -> None:
+    stop = StopSignal()
+    events = run_openai(chat("fake-hang"), config, stop)
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    assert list(events) == []  # the read blocked in the 5 s silence returns at once
+    assert time.monotonic() - started < 1.5
+
+
+def test_list_upstream_models(upstream: FakeUpstream) -> None:
+    config = BackendConfig(upstream_url=upstream.url)
+    assert "fake-chat" in list_upstream_models(config)
+    config.session.close()
+    with start_fake_upstream(api_key="right") as guarded:
+        wrong = BackendConfig(upstream_url=guarded.url, upstream_key="wrong")
+        with pytest.raises(BackendError, match="401"):
+            list_upstream_models(wrong)
+        wrong.session.close()
+
+
+# -- the CLI as a subprocess -----------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLLCLIENT_")}
+    env["PYTHONWARNINGS"] = "error"  # pollclient itself must not warn either
+    return {**env, **extra}
+
+
+def run_cli(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "pollclient", *args], cwd=ROOT, env=clean_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--api-url", "http://127.0.0.1:5000"], {}, "token"),
+        ([], {"POLLCLIENT_TOKEN": TOKEN}, "--api-url"),
+        (["--token", TOKEN, "--api-url", "127.0.0.1:5000"], {}, "http"),
+        (["--api-url", "ftp://example.com"], {"POLLCLIENT_TOKEN": TOKEN}, "http"),
+        (["--token", TOKEN, "--api-url", "http://x", "--max-concurrent", "0"], {}, "--max-concurrent"),
+        (["--token", TOKEN, "--api-url", "http://x", "--poll-wait", "60"], {}, "--poll-wait"),
+        (["--token", TOKEN, "--api-url", "http://x", "--backend", "openai"], {}, "--upstream-url"),
+        (["--token", TOKEN, "--api-url", "http://x"], {"POLLCLIENT_BACKEND": "nope"}, "POLLCLIENT_BACKEND"),
+    ],
+)
+def test_cli_bad_settings_give_one_readable_line(args: list[str], env: dict[str, str], words: str) -> None:
+    result = run_cli(*args, **env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pollclient: error: ") and words in lines[0]
+    assert TOKEN not in result.stderr
+
+
+def test_cli_unreachable_upstream_exits_non_zero() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = run_cli("--api-url", "http://127.0.0.1:5000", "--backend", "openai", "--upstream-url", url,
+                     POLLCLIENT_TOKEN=TOKEN)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"pollclient: error: cannot reach the upstream at {url}: connection refused"]
+
+
+def test_cli_help_names_the_environment_variables() -> None:
+    result = run_cli("--help", POLLCLIENT_TOKEN=TOKEN, POLLCLIENT_UPSTREAM_KEY="sk-secret")
+    assert result.returncode == 0
+    for name in ("API_URL", "TOKEN", "BACKEND", "MODELS", "UPSTREAM_URL", "UPSTREAM_KEY", "MAX_CONCURRENT",
+                 "ECHO_DELAY", "FLUSH_INTERVAL", "POLL_WAIT", "DRAIN_TIMEOUT", "LOG_LEVEL"):
+        assert f"POLLCLIENT_{name}" in result.stdout
+    assert TOKEN not in result.stdout and "sk-secret" not in result.stdout
+
+
+def test_cli_runs_as_a_module_too() -> None:
+    result = subprocess.run([sys.executable, "-m", "pollclient", "--version"], cwd=ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout.strip()) == (0, "pollclient 0.1.0")
+
+
+# -- the worker loop against a fake of the worker protocol -----------------------------
+
+
+class FakeGateway:
+    """Just enough of /worker/v1 to drive the worker: stores chunks by seq like the real one."""
+
+    def __init__(self, port: int = 0, lease_ttl: float = 30.0) -> None:
+        self.lease_ttl = lease_ttl
+        self.cond = threading.Condition()
+        self.queue: list[dict[str, Any]] = []
+        self.claims: list[dict[str, Any]] = []
+        self.claimed_at: list[float] = []  # when each job-bearing claim was answered
+        self.reports: list[tuple[float, dict[str, Any]]] = []
+        self.releases: list[dict[str, Any]] = []
+        self.stored: dict[str, list[dict[str, Any]]] = {}
+        self.ended: dict[str, dict[str, Any]] = {}
+        self.leases: dict[str, str] = {}
+        self.claim_status = 200
+        self.fail_reports = 0  # answer this many chunk reports with a 500
+        self.gap_once: set[str] = set()  # jobs whose first report gets a seq_gap back
+        self.cancel: set[str] = set()  # jobs answered stop/cancelled
+        handler = type("Handler", (_GatewayHandler,), {"gateway": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def add_job(self, job_id: str, text: str) -> None:
+        with self.cond:
+            self.queue.append({"id": job_id, "text": text})
+            self.cond.notify_all()
+
+    def text(self, job_id: str) -> str:
+        with self.cond:
+            return "".join(c.get("content", "") for c in self.stored.get(job_id, []))
+
+    def wait(self, predicate: Any, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self.cond:
+            try:
+                if path == "/worker/v1/claim":
+                    return self._claim(body)
+                if path == "/worker/v1/chunks":
+                    return self._chunks(body)
+                if path == "/worker/v1/release":
+                    self.releases.append(body)
+                    return 200, {"jobs": [{"id": j["id"], "ok": True, "state": "queued"} for j in body["jobs"]]}
+                return 404, {"error": {"message": "no such path"}}
+            finally:
+                self.cond.notify_all()
+
+    def _claim(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.claims.append(body)
+        if self.claim_status != 200:
+            return self.claim_status, {"error": {"message": "Invalid worker token.", "type": "invalid_request_error"}}
+        self.cond.wait_for(lambda: self.queue, min(body["wait"], 0.3))
+        jobs, self.queue = self.queue[: body["max_jobs"]], self.queue[body["max_jobs"]:]
+        answer = []
+        for job in jobs:
+            self.leases[job["id"]] = f"lease-{job['id']}"
+            self.stored.setdefault(job["id"], [])
+            answer.append({
+                "id": job["id"], "lease": self.leases[job["id"]], "lease_ttl": self.lease_ttl, "deadline_in": 300,
+                "attempt": 1, "model": "echo",
+                "request": {"model": "echo", "messages": [{"role": "user", "content": job["text"]}]},
+            })
+        if answer:
+            self.claimed_at.append(time.monotonic())
+        return 200, {"worker": {"id": 7, "name": "test-worker"}, "jobs": answer}
+
+    def _chunks(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.reports.append((time.monotonic(), body))
+        if self.fail_reports:
+            self.fail_reports -= 1
+            return 500, {"error": {"message": "database is locked"}}
+        return 200, {"jobs": [self._apply(entry) for entry in body["jobs"]]}
+
+    def _apply(self, entry: dict[str, Any]) -> dict[str, Any]:
+        job_id = entry["id"]
+        stored = self.stored[job_id]
+        if self.leases.get(job_id) != entry["lease"]:
+            return {"id": job_id, "ok": False, "next_seq": 0, "stop": True, "reason": "lease_lost"}
+        if job_id in self.ended:
+            return {"id": job_id, "ok": True, "next_seq": len(stored), "stop": True, "reason": "finished"}
+        if job_id in self.cancel:
+            return {"id": job_id, "ok": False, "next_seq": len(stored), "stop": True, "reason": "cancelled"}
+        if job_id in self.gap_once and entry["chunks"]:
+            self.gap_once.discard(job_id)  # store nothing, as if an earlier chunk had been lost
+            return {"id": job_id, "ok": False, "next_seq": len(stored), "stop": False, "reason": "seq_gap"}
+        for chunk in entry["chunks"]:
+            if chunk["seq"] == len(stored):
+                stored.append(chunk["delta"])
+            elif chunk["seq"] > len(stored):
+                return {"id": job_id, "ok": False, "next_seq": len(stored), "stop": False, "reason": "seq_gap"}
+        if "finish" in entry or "error" in entry:
+            self.ended[job_id] = entry.get("finish") or {"error": entry["error"]}
+            return {"id": job_id, "ok": True, "next_seq": len(stored), "stop": True, "reason": "finished"}
+        return {"id": job_id, "ok": True, "next_seq": len(stored), "stop": False}
+
+
+class _GatewayHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    gateway: FakeGateway
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        assert self.headers["Authorization"] == f"Bearer {TOKEN}"
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status, answer = self.gateway.handle(self.path, body)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def gateway() -> Iterator[FakeGateway]:
+    server = FakeGateway()
+    yield server
+    server.stop()
+
+
+def start_worker(gateway_url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "pollclient", "--api-url", gateway_url, "--poll-wait", "1", *args],
+        cwd=ROOT, env=clean_env(POLLCLIENT_TOKEN=TOKEN), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+
+
+def finish(worker: subprocess.Popen[str], timeout: float = 20) -> tuple[int, str]:
+    try:
+        _, stderr = worker.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        _, stderr = worker.communicate()
+        pytest.fail(f"the worker did not exit:\n{stderr}")
+    assert "Traceback" not in stderr and TOKEN not in stderr
+    return worker.returncode, stderr
+
+
+def test_worker_serves_an_echo_job(gateway: FakeGateway) -> None:
+    text = "The quick  brown fox\njumps."
+    gateway.add_job("job-1", text)
+    code, log = finish(start_worker(gateway.url, "--once"))
+    assert code == 0, log
+    assert gateway.text("job-1") == text
+    assert gateway.ended["job-1"] == {"reason": "stop"}
+    seqs = [c["seq"] for _, r in gateway.reports for e in r["jobs"] for c in e["chunks"]]
+    assert seqs == list(range(len(text.split())))  # each chunk sent once, in order
+    claim = gateway.claims[0]
+    assert claim["models"] == ["echo"] and claim["max_jobs"] == 1 and claim["kind"] == "pollclient"
+    assert "connected to" in log and "test-worker" in log
+    assert "job job-1 finished: model echo, 5 chunks" in log
+
+
+def test_worker_resends_after_a_failed_report_and_a_seq_gap(gateway: FakeGateway) -> None:
+    gateway.fail_reports = 2
+    gateway.gap_once.add("job-1")
+    gateway.add_job("job-1", "one two three four")
+    code, log = finish(start_worker(gateway.url, "--once", "--echo-delay", "0.05"))
+    assert code == 0, log
+    assert gateway.text("job-1") == "one two three four"
+    assert gateway.ended["job-1"] == {"reason": "stop"}
+    first_seqs = [[c["seq"] for c in r["jobs"][0]["chunks"]] for _, r in gateway.reports[:3]]
+    assert first_seqs[0][0] == 0 and first_seqs[1][0] == 0 and first_seqs[2][0] == 0  # resent from seq 0
+    assert "cannot send output to the gateway" in log
+
+
+def test_worker_stops_a_cancelled_job(gateway: FakeGateway) -> None:
+    gateway.cancel.add("job-1")
+    gateway.add_job("job-1", "a b c d e f g h i j")
+    started = time.monotonic()
+    code, log = finish(start_worker(gateway.url, "--once", "--echo-delay", "1"))
+    assert code == 0, log
+    assert time.monotonic() - started < 6  # not the whole 9 s of echo
+    assert "job-1" not in gateway.ended
+    assert "stopped by the gateway (cancelled)" in log
+
+
+def test_worker_runs_jobs_concurrently_and_batches_their_reports(gateway: FakeGateway) -> None:
+    for i in range(3):
+        gateway.add_job(f"job-{i}", "alpha beta gamma delta epsilon")
+    code, log = finish(start_worker(gateway.url, "--max-jobs", "3", "--max-concurrent", "2", "--echo-delay", "0.2"))
+    assert code == 0, log
+    assert all(gateway.text(f"job-{i}") == "alpha beta gamma delta epsilon" for i in range(3))
+    assert gateway.claims[0]["max_jobs"] == 2 and gateway.claims[0]["capacity"] == 2
+    assert max(len(r["jobs"]) for _, r in gateway.reports) == 2  # one POST carries both running jobs
+    assert all(len(r["jobs"]) <= 2 for _, r in gateway.reports)
+
+
+def seq_times(gateway: FakeGateway) -> dict[int, float]:
+    """Return when the gateway first received each seq."""
+    times: dict[int, float] = {}
+    for at, report in gateway.reports:
+        for chunk in report["jobs"][0]["chunks"]:
+            times.setdefault(chunk["seq"], at)
+    return times
+
+
+def test_worker_sends_the_first_delta_after_a_pause_at_once_and_heartbeats() -> None:
+    gateway = FakeGateway(lease_ttl=0.9)
+    try:
+        gateway.add_job("job-1", "first second")
+        code, log = finish(start_worker(gateway.url, "--once", "--echo-delay", "1.2", "--flush-interval", "1"))
+        assert code == 0, log
+        assert gateway.text("job-1") == "first second"
+        times = seq_times(gateway)
+        assert times[0] - gateway.claimed_at[0] < 0.3
+        # Heartbeats went out meanwhile, yet the second word was not held back for batching.
+        assert 1.1 < times[1] - times[0] < 1.5
+        heartbeats = [t for t, r in gateway.reports if r["jobs"][0]["chunks"] == [] and "finish" not in r["jobs"][0]]
+        assert len(heartbeats) >= 2  # every lease_ttl/3 = 0.3 s while the echo sleeps
+        assert all(b - a < 0.5 for a, b in zip([times[0], *heartbeats], heartbeats))
+    finally:
+        gateway.stop()
+
+
+def test_worker_batches_a_fast_stream(gateway: FakeGateway) -> None:
+    text = " ".join(f"word{i}" for i in range(200))
+    gateway.add_job("job-1", text)
+    code, log = finish(start_worker(gateway.url, "--once", "--flush-interval", "0.5", "--echo-delay", "0.005"))
+    assert code == 0, log
+    assert gateway.text("job-1") == text
+    # About 1 s of output: the leading delta at once, then one report per half second.
+    assert len(gateway.reports[0][1]["jobs"][0]["chunks"]) < 20
+    assert 2 <= len(gateway.reports) <= 5
+
+
+def test_worker_exits_on_a_rejected_token(gateway: FakeGateway) -> None:
+    gateway.claim_status = 401
+    code, log = finish(start_worker(gateway.url))
+    assert code == 1
+    assert "the gateway refused the worker token: Invalid worker token." in log
+
+
+def test_worker_drains_then_releases_on_sigint(gateway: FakeGateway) -> None:
+    gateway.add_job("job-1", "a b c d e f g h")
+    worker = start_worker(gateway.url, "--echo-delay", "1", "--drain-timeout", "0.5")
+    assert gateway.wait(lambda: gateway.text("job-1"))
+    worker.send_signal(signal.SIGINT)
+    code, log = finish(worker, timeout=10)
+    assert code == 0, log
+    assert gateway.releases == [{"jobs": [{"id": "job-1", "lease": "lease-job-1"}]}]
+    assert "released 1 job(s): job-1 (queued)" in log
+
+
+def test_worker_lets_a_short_job_finish_on_sigterm(gateway: FakeGateway) -> None:
+    gateway.add_job("job-1", "a b c")
+    worker = start_worker(gateway.url, "--echo-delay", "0.3", "--drain-timeout", "10")
+    assert gateway.wait(lambda: gateway.text("job-1"))
+    worker.send_signal(signal.SIGTERM)
+    code, log = finish(worker, timeout=10)
+    assert code == 0, log
+    assert gateway.text("job-1") == "a b c" and gateway.releases == []
+
+
+def test_worker_second_ctrl_c_releases_at_once(gateway: FakeGateway) -> None:
+    gateway.add_job("job-1", "a b c d e f g h")
+    worker = start_worker(gateway.url, "--echo-delay", "1", "--drain-timeout", "60")
+    assert gateway.wait(lambda: gateway.text("job-1"))
+    worker.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    worker.send_signal(signal.SIGINT)
+    code, log = finish(worker, timeout=10)
+    assert code == 0 and time.monotonic() - started < 3, log
+    assert len(gateway.releases) == 1
+
+
+def test_worker_waits_for_the_gateway_to_come_back() -> None:
+    port = free_port()
+    worker = start_worker(f"http://127.0.0.1:{port}", "--once")
+    time.sleep(1.5)  # a few refused claims
+    gateway = FakeGateway(port=port)
+    try:
+        gateway.add_job("job-1", "back again")
+        code, log = finish(worker, timeout=40)
+        assert code == 0, log
+        assert gateway.text("job-1") == "back again"
+        assert log.count("cannot reach the gateway") == 1  # once per state change, not per try
+        assert "connected to" in log
+    finally:
+        gateway.stop()
