@@ -1,0 +1,337 @@
+"""The OpenAI API through the official `openai` client, on SQLite and MariaDB."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from protocol import ProtoWorker, WorkerThread
+from webapp import jobs, tokens
+from webapp.models import Job
+
+PROMPT = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+
+
+def client(live, key, **kw) -> openai.OpenAI:
+    """An OpenAI client pointed at the gateway; retries off so each call is one request."""
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0, **kw)
+
+
+def only_job(app) -> Job:
+    with app.app_context(), jobs.db.session() as s:
+        return s.query(Job).one()
+
+
+def test_models_lists_what_live_workers_advertise(app, account, live):
+    api = client(live, account.key)
+    assert [m.id for m in api.models.list()] == []
+    with WorkerThread(live.url, account.token, models=("echo", "llama3.1:8b")):
+        assert sorted(m.id for m in api.models.list()) == ["echo", "llama3.1:8b"]
+        assert api.models.retrieve("llama3.1:8b").owned_by == "pollgate"
+        with pytest.raises(openai.NotFoundError) as err:
+            api.models.retrieve("gpt-nope")
+        assert err.value.code == "model_not_found"
+
+
+def test_completion_returns_the_answer_with_exact_usage(app, account, live):
+    with WorkerThread(live.url, account.token):
+        reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.content == PROMPT[0]["content"]
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == tokens.count_prompt(PROMPT)
+    assert reply.usage.completion_tokens == tokens.count_text(PROMPT[0]["content"])
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    job = only_job(app)
+    assert (job.state, job.usage_source, job.completion_tokens) == ("completed", "tiktoken", 9)
+
+
+def test_stream_speaks_openais_event_format(app, account, live):
+    with WorkerThread(live.url, account.token):
+        stream = client(live, account.key).chat.completions.create(
+            model="echo", messages=PROMPT, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == PROMPT[0]["content"]
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_raw_wire_format(app, account, live):
+    with WorkerThread(live.url, account.token):
+        r = requests.post(f"{live.url}/v1/chat/completions", stream=True, timeout=30,
+                          headers={"Authorization": f"Bearer {account.key}"},
+                          json={"model": "echo", "messages": PROMPT, "stream": True})
+        body = r.text
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    assert r.headers["Cache-Control"] == "no-cache, no-store"
+    assert r.headers["X-Accel-Buffering"] == "no"
+    events = [e for e in body.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert "usage" not in json.loads(events[-2][6:])  # no usage chunk unless asked for
+
+
+def test_worker_usage_is_preferred_over_counting(app, account, live):
+    def handler(worker, job):
+        worker.say(job, "hi", finish={"reason": "stop", "usage": {"prompt_tokens": 40, "completion_tokens": 2}})
+
+    with WorkerThread(live.url, account.token, handler):
+        reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (40, 2)
+    assert only_job(app).usage_source == "worker"
+
+
+def test_request_reaches_the_worker_validated(app, account, live):
+    seen = {}
+
+    def handler(worker, job):
+        seen.update(job["request"])
+        worker.report(job, [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": ""}}]},
+                            {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}]}],
+                      finish={"reason": "tool_calls"})
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "weather?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+    with WorkerThread(live.url, account.token, handler):
+        reply = client(live, account.key).chat.completions.create(
+            model="echo", messages=messages, tools=tools, temperature=0.3, top_p=0.9, max_tokens=50,
+            stop=["\n\n"], seed=7, user="u-1", stream=False,
+        )
+    assert seen == {"model": "echo", "messages": messages, "tools": tools, "temperature": 0.3, "top_p": 0.9,
+                    "max_tokens": 50, "stop": ["\n\n"], "seed": 7, "user": "u-1"}
+    call = reply.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, call.function.arguments) == ("call_1", "get_weather", '{"city": "Oslo"}')
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_reasoning_content_is_relayed(app, account, live):
+    def handler(worker, job):
+        worker.report(job, [{"reasoning_content": "thinking"}, {"content": "answer"}], finish={"reason": "stop"})
+
+    with WorkerThread(live.url, account.token, handler):
+        r = requests.post(f"{live.url}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {account.key}"},
+                          json={"model": "echo", "messages": PROMPT})
+    message = r.json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("thinking", "answer")
+
+
+@pytest.mark.parametrize("key", ["", "pgk_wrong", "sk-something-else"])
+def test_bad_key_is_401(app, account, live, key):
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=f"{live.url}/v1", api_key=key or "x", max_retries=0,
+                      default_headers={"Authorization": key and f"Bearer {key}"}).models.list()
+    assert err.value.status_code == 401
+    assert err.value.body["code"] in ("invalid_api_key", "missing_api_key")
+    assert key not in json.dumps(err.value.body) or not key
+
+
+def test_unknown_model_is_404(app, account, live):
+    with WorkerThread(live.url, account.token):
+        with pytest.raises(openai.NotFoundError) as err:
+            client(live, account.key).chat.completions.create(model="gpt-4o", messages=PROMPT)
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+
+
+BAD_BODIES = [
+    ({"messages": PROMPT}, "model"),
+    ({"model": "echo"}, "messages"),
+    ({"model": "echo", "messages": []}, "messages"),
+    ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": "echo", "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": "echo", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
+    ({"model": "echo", "messages": PROMPT, "temperature": 3}, "temperature"),
+    ({"model": "echo", "messages": PROMPT, "temperature": "hot"}, "temperature"),
+    ({"model": "echo", "messages": PROMPT, "top_p": -0.1}, "top_p"),
+    ({"model": "echo", "messages": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ({"model": "echo", "messages": PROMPT, "n": 2}, "n"),
+    ({"model": "echo", "messages": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "echo", "messages": PROMPT, "stream": "yes"}, "stream"),
+    ({"model": "echo", "messages": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": "echo", "messages": PROMPT, "logprobs": True}, "logprobs"),
+    ({"model": "echo", "messages": PROMPT, "tools": "all"}, "tools"),
+    ({"model": "echo", "messages": PROMPT, "frobnicate": 1}, "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_BODIES)
+def test_invalid_request_is_400_naming_the_param(app, account, live, body, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        # The low-level post sends the body as given, even without the required fields.
+        client(live, account.key).post("/chat/completions", body=body, cast_to=object)
+    assert err.value.status_code == 400
+    assert err.value.param == param
+    assert err.value.body["type"] == "invalid_request_error"
+    with app.app_context(), jobs.db.session() as s:
+        assert s.query(Job).count() == 0
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"'])
+def test_unparseable_body_is_400(app, account, live, raw):
+    r = requests.post(f"{live.url}/v1/chat/completions", data=raw, timeout=10,
+                      headers={"Authorization": f"Bearer {account.key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("app_config", [{"MAX_CONTENT_LENGTH": 10_000}])
+def test_oversized_body_is_413(app, account, live):
+    big = [{"role": "user", "content": "x" * 20_000}]
+    with pytest.raises(openai.APIStatusError) as err:
+        client(live, account.key).chat.completions.create(model="echo", messages=big)
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+
+
+def test_unknown_path_and_method_are_json_errors(app, account, live):
+    r = requests.get(f"{live.url}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = requests.get(f"{live.url}/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_no_worker_picking_up_is_503_with_retry_after(app, account, live):
+    ProtoWorker(live.url, account.token).claim()  # advertises echo, then never claims again
+    with pytest.raises(openai.APIStatusError) as err:
+        client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
+    assert err.value.status_code == 503
+    assert err.value.body["code"] == "no_worker_available"
+    assert int(err.value.response.headers["Retry-After"]) >= 1
+    assert only_job(app).state == "expired"
+
+
+# The deadline falls before a stream would start (HEARTBEAT_INTERVAL), so both get a status.
+@pytest.mark.parametrize("app_config", [{"JOB_TIMEOUT": 2.0, "HEARTBEAT_INTERVAL": 5.0}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_job_past_its_deadline_is_504(app, account, live, stream):
+    def silent(worker, job):
+        for _ in range(6):  # heartbeats keep the lease but produce nothing
+            time.sleep(0.5)
+            if worker.report(job)["stop"]:
+                return
+
+    with WorkerThread(live.url, account.token, silent):
+        with pytest.raises(openai.APIStatusError) as err:
+            client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, stream=stream)
+    assert err.value.status_code == 504
+    assert only_job(app).state == "expired"
+
+
+@pytest.mark.parametrize(
+    "code, status, client_code",
+    [("rate_limited", 429, "rate_limit_exceeded"), ("needs_human", 503, "worker_needs_human"),
+     ("model_not_found", 404, "model_not_found"), ("context_length_exceeded", 400, "context_length_exceeded"),
+     ("upstream_error", 502, "upstream_error"), ("weird_new_code", 502, "upstream_error")],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_worker_failure_before_output_is_a_real_status(app, account, live, code, status, client_code, stream):
+    def failing(worker, job):
+        worker.report(job, error={"code": code, "message": "upstream said no"})
+
+    with WorkerThread(live.url, account.token, failing):
+        with pytest.raises(openai.APIStatusError) as err:
+            client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, stream=stream)
+    assert err.value.status_code == status
+    assert err.value.body["code"] == client_code
+    assert "upstream said no" in err.value.message
+
+
+def test_failure_after_output_arrives_in_the_stream(app, account, live):
+    def half(worker, job):
+        worker.report(job, [{"content": "Hello "}, {"content": "wor"}])
+        worker.report(job, error={"code": "upstream_error", "message": "connection reset"})
+
+    received = []
+    with WorkerThread(live.url, account.token, half):
+        stream = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, stream=True)
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "Hello wor"
+    assert "connection reset" in str(err.value)
+
+
+@pytest.mark.parametrize("app_config", [{"JOB_TIMEOUT": 3.0, "HEARTBEAT_INTERVAL": 0.5}])
+def test_stream_past_its_deadline_ends_with_an_error_event(app, account, live):
+    def slow(worker, job):
+        worker.report(job, [{"content": "thinking "}])
+        for _ in range(12):
+            time.sleep(0.5)
+            if worker.report(job)["stop"]:
+                return
+
+    with WorkerThread(live.url, account.token, slow):
+        stream = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, stream=True)
+        with pytest.raises(openai.APIError) as err:
+            list(stream)
+    assert "deadline" in str(err.value)
+
+
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error(app, account, live):
+    def dies(worker, job):
+        worker.report(job, [{"content": "partial "}])  # then silence: the lease (2 s) lapses
+
+    received = []
+    with WorkerThread(live.url, account.token, dies):
+        stream = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, stream=True)
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "partial "
+    assert "stopped answering" in str(err.value)
+    job = only_job(app)
+    assert (job.state, job.error_code, job.attempts) == ("failed", "worker_lost", 1)
+
+
+def test_silent_worker_is_replaced_before_output(app, account, live):
+    attempts = []
+
+    def flaky(worker, job):
+        attempts.append(job["attempt"])
+        if job["attempt"] == 1:
+            return  # claims, then vanishes: the job goes back to the queue
+        worker.say(job, "second time lucky", finish={"reason": "stop"})
+
+    with WorkerThread(live.url, account.token, flaky):
+        reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
+    assert reply.choices[0].message.content == "second time lucky"
+    assert attempts == [1, 2]
+
+
+def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, live):
+    told = threading.Event()
+    answers = []
+
+    def slow(worker, job):
+        for i in range(100):
+            answer = worker.report(job, [{"content": f"{i} "}])
+            if answer["stop"]:
+                answers.append(answer)
+                told.set()
+                return
+            time.sleep(0.05)
+
+    with WorkerThread(live.url, account.token, slow):
+        with requests.post(f"{live.url}/v1/chat/completions", stream=True, timeout=30,
+                           headers={"Authorization": f"Bearer {account.key}"},
+                           json={"model": "echo", "messages": PROMPT, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        # The response is closed here: the gateway notices at its next write.
+        assert told.wait(10), "the worker was never told to stop"
+    assert answers[0]["reason"] == "cancelled"
+    job = only_job(app)
+    assert (job.state, job.error_code) == ("cancelled", "client_gone")
