@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+from flask.cli import with_appcontext
 from flask import Flask
 
 from . import accounts, jobs, migrate
@@ -15,6 +16,7 @@ def _user_id(email: str) -> int:
 
 
 @click.command("db-upgrade")
+@with_appcontext
 def db_upgrade() -> None:
     """Apply pending database migrations."""
     try:
@@ -25,6 +27,7 @@ def db_upgrade() -> None:
 
 
 @click.command("create-user")
+@with_appcontext
 @click.argument("email")
 @click.option("--password", required=True, help="At least 8 characters.")
 @click.option("--admin", is_flag=True, help="Make the user an administrator.")
@@ -38,6 +41,7 @@ def create_user(email: str, password: str, admin: bool) -> None:
 
 
 @click.command("create-key")
+@with_appcontext
 @click.argument("email")
 @click.option("--name", default="", help="A label to recognise the key by.")
 def create_key(email: str, name: str) -> None:
@@ -48,6 +52,7 @@ def create_key(email: str, name: str) -> None:
 
 
 @click.command("create-worker-token")
+@with_appcontext
 @click.argument("email")
 @click.option("--name", default="", help="A label to recognise the worker by.")
 @click.option("--shared", is_flag=True, help="Let this worker serve every user's jobs.")
@@ -59,6 +64,7 @@ def create_worker_token(email: str, name: str, shared: bool) -> None:
 
 
 @click.command("reap")
+@with_appcontext
 def reap() -> None:
     """Re-queue or fail jobs whose worker vanished and expire jobs past their deadline."""
     counts = jobs.reap_expired()

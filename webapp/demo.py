@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 
 import click
+from flask.cli import with_appcontext
 import requests
 from flask import current_app
 from sqlalchemy import update
@@ -74,11 +76,14 @@ def smoke_test(base: str, key: str) -> str:
 
 
 @click.command("demo")
+@with_appcontext
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
 @click.option("--once", is_flag=True, help="Exit after the end-to-end check instead of serving.")
 def demo(host: str, port: int, once: bool) -> None:
     """Run a local gateway with an echo worker and stream one completion through it."""
+    # One line per request from the dev server would drown the demo's own output.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     migrate.upgrade()
     key, token = demo_secrets()
     app = current_app._get_current_object()
@@ -98,7 +103,7 @@ def demo(host: str, port: int, once: bool) -> None:
         click.echo(f"Gateway:  {base}/v1   (database: {current_app.config['DATABASE_URL']})")
         click.echo(f"API key:  {key}")
         click.echo("Try it:")
-        click.echo(f"  OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key} python -c \"from openai import OpenAI; "
+        click.echo(f"  OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key} {sys.executable} -c \"from openai import OpenAI; "
                    "print(OpenAI().chat.completions.create(model='echo', "
                    "messages=[{'role':'user','content':'hi there'}]).choices[0].message.content)\"")
         if once:

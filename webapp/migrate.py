@@ -33,18 +33,23 @@ def migration_lock(connection: Connection, timeout: int = 60) -> Iterator[None]:
         yield  # SQLite: BEGIN IMMEDIATE already serialises the writers
         return
     got = connection.execute(text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": timeout}).scalar()
+    # The lock belongs to the session, not the transaction: end the autobegun transaction
+    # so Alembic can run one transaction per migration and commit each.
+    connection.commit()
     if got != 1:
         raise RuntimeError("another installer is migrating this database; try again in a minute")
     try:
         yield
     finally:
         connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
+        connection.commit()
 
 
 def upgrade(revision: str = "head") -> None:
     """Apply every pending migration."""
     with db.engine.connect() as connection, migration_lock(connection):
         command.upgrade(alembic_config(connection), revision)
+        connection.commit()
 
 
 def pending() -> list[str]:
