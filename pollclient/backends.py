@@ -13,11 +13,12 @@ when the job fails, and simply returns, yielding nothing more, once `stop` is se
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import urllib3
 from .retry import describe_error
 
 Event = dict[str, Any]
+Events = Generator[Event, None, None]
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 DELTA_FIELDS = ("content", "reasoning_content", "refusal", "tool_calls")
 _CONTEXT_WORDS = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.I)
@@ -122,7 +124,7 @@ def split_words(text: str) -> list[str]:
     return pieces or ([text] if text else [])
 
 
-def run_echo(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Iterator[Event]:
+def run_echo(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Events:
     """Stream back the last user message word by word."""
     words = split_words(last_user_text(request.get("messages") or []))
     if not words:
@@ -145,7 +147,8 @@ def list_upstream_models(config: BackendConfig) -> list[str]:
     try:
         response = config.session.get(url, headers=config.headers(), timeout=(10, 30))
     except requests.RequestException as exc:
-        raise BackendError("upstream_unavailable", f"cannot reach the upstream at {config.upstream_url}: {describe_error(exc)}", True) from None
+        message = f"cannot reach the upstream at {config.upstream_url}: {describe_error(exc)}"
+        raise BackendError("upstream_unavailable", message, retry=True) from None
     with response:
         if response.status_code >= 400:
             message, _ = _upstream_error(response)
@@ -157,20 +160,32 @@ def list_upstream_models(config: BackendConfig) -> list[str]:
             raise BackendError("upstream_error", f"GET {url} did not answer an OpenAI model list") from None
 
 
-def run_openai(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Iterator[Event]:
+def run_openai(request: dict[str, Any], config: BackendConfig, stop: StopSignal) -> Events:
     """Stream the job through an OpenAI-compatible /chat/completions upstream."""
+    if stop.is_set():
+        return
     body = {**request, "stream": True, "stream_options": {"include_usage": True}}
     response = _open_stream(config, body)
-    with response:
-        # Closing the response from the worker's thread waits for the blocked read;
-        # shutting the socket down wakes it at once, even in the middle of a long prefill.
-        stop.on_set(lambda: _shut_down(response))
+    reading = True
+
+    def interrupt() -> None:
+        # Closing the response from another thread waits for the blocked read; shutting the
+        # socket down wakes it at once, even in the middle of a long prefill. Once this job
+        # is done the connection may serve another job: leave it alone then.
+        if reading:
+            _shut_down(response)
+
+    stop.on_set(interrupt)
+    try:
         if stop.is_set():
             return
         if response.headers.get("Content-Type", "").startswith("application/json"):
             yield from _relay_whole(response)  # an upstream that ignored stream=true
         else:
             yield from _relay_stream(response, stop)
+    finally:
+        reading = False
+        response.close()
 
 
 def _open_stream(config: BackendConfig, body: dict[str, Any]) -> requests.Response:
@@ -220,12 +235,9 @@ def _upstream_error(response: requests.Response) -> tuple[str, str]:
 def _shut_down(response: requests.Response) -> None:
     """Shut the response's socket down so a read blocked in another thread returns."""
     sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _sse_lines(response: requests.Response) -> Iterator[str]:
@@ -246,7 +258,7 @@ def _sse_lines(response: requests.Response) -> Iterator[str]:
         yield buffer.decode("utf-8", "replace")
 
 
-def _relay_stream(response: requests.Response, stop: StopSignal) -> Iterator[Event]:
+def _relay_stream(response: requests.Response, stop: StopSignal) -> Events:
     streamed, done = False, False
     finish_reason, usage = None, None
     try:
@@ -280,7 +292,8 @@ def _relay_stream(response: requests.Response, stop: StopSignal) -> Iterator[Eve
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         if stop.is_set():
             return
-        raise BackendError("upstream_error", f"upstream stream broke: {describe_error(exc)}", retry=not streamed) from None
+        message = f"upstream stream broke: {describe_error(exc)}"
+        raise BackendError("upstream_error", message, retry=not streamed) from None
     if stop.is_set():
         return
     if not done and finish_reason is None:
@@ -288,7 +301,7 @@ def _relay_stream(response: requests.Response, stop: StopSignal) -> Iterator[Eve
     yield _finish(finish_reason, usage)
 
 
-def _relay_whole(response: requests.Response) -> Iterator[Event]:
+def _relay_whole(response: requests.Response) -> Events:
     try:
         body = response.json()
         choice = body["choices"][0]
@@ -320,9 +333,7 @@ def _clean_delta(delta: Any) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for name in DELTA_FIELDS:
         value = delta.get(name)
-        if name == "tool_calls" and isinstance(value, list) and value:
-            clean[name] = value
-        elif name != "tool_calls" and isinstance(value, str) and value:
+        if value and isinstance(value, list if name == "tool_calls" else str):
             clean[name] = value
     return clean
 
@@ -345,7 +356,7 @@ def _finish(reason: Any, usage: dict[str, int] | None) -> Event:
     return {"finish": finish}
 
 
-BACKENDS: dict[str, Callable[[dict[str, Any], BackendConfig, StopSignal], Iterator[Event]]] = {
+BACKENDS: dict[str, Callable[[dict[str, Any], BackendConfig, StopSignal], Events]] = {
     "echo": run_echo,
     "openai": run_openai,
 }

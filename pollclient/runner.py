@@ -35,6 +35,9 @@ class Worker:
         self.exit_code = 0
         self.claimed = 0
         self.claim_in_flight = False
+        self.claim_state = "starting"  # then connected, busy or unreachable: logged when it changes
+        self.claim_backoff = Backoff(first=1.0, cap=30.0)
+        self.ever_connected = False
         self.counts = {"served": 0, "failed": 0, "stopped": 0}
         self.counts_lock = threading.Lock()
 
@@ -45,10 +48,8 @@ class Worker:
             "pollclient starting: gateway %s, backend %s, models %s, capacity %d",
             self.gateway.base_url, self.settings.backend, ", ".join(self.settings.models), self.capacity,
         )
-        flusher = threading.Thread(target=self.reporter.loop, name="reporter", daemon=True)
-        poller = threading.Thread(target=self._claim_loop, name="claim", daemon=True)
-        flusher.start()
-        poller.start()
+        flusher = self._start_thread(self.reporter.loop, "reporter")
+        poller = self._start_thread(self._claim_loop, "claim")
         next_status = time.monotonic() + STATUS_EVERY
         while not self.signals and not self.stopping.is_set() and not self._all_done():
             time.sleep(TICK)
@@ -63,19 +64,35 @@ class Worker:
             self._drain()
         self.reporter.close()
         flusher.join(timeout=2)
-        # The claim thread may be releasing jobs that came in late: wait for it, but not
-        # for a long-poll still open (a job it brings returns to the queue when its lease expires).
+        # The claim thread may be releasing jobs that came in late: wait for that, but not
+        # for a long-poll still open past the drain (its job returns to the queue when the
+        # lease expires).
         deadline = time.monotonic() + 20
         while poller.is_alive() and not self.claim_in_flight and time.monotonic() < deadline:
             poller.join(TICK)
         log.info("pollclient stopped: %s", self.status())
         return self.exit_code
 
+    def _start_thread(self, target: Any, name: str) -> threading.Thread:
+        """Start a daemon thread whose crash stops the worker instead of leaving it stuck."""
+
+        def guarded() -> None:
+            try:
+                target()
+            except Exception:
+                log.exception("internal error in the %s thread", name)
+                self._fatal(f"pollclient stopped after an internal error in its {name} thread")
+
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        thread.start()
+        return thread
+
     def status(self) -> str:
         """Summarize the work so far in one short line."""
         with self.counts_lock:
             counts = dict(self.counts)
-        line = f"running {self.reporter.running()}/{self.capacity}, served {counts['served']}, failed {counts['failed']}"
+        line = f"running {self.reporter.running()}/{self.capacity}"
+        line += f", served {counts['served']}, failed {counts['failed']}"
         return line + (f", stopped by the gateway {counts['stopped']}" if counts["stopped"] else "")
 
     def _all_done(self) -> bool:
@@ -99,17 +116,23 @@ class Worker:
             raise SystemExit(130)
 
     def _drain(self) -> None:
-        """Let running jobs finish for up to --drain-timeout, then release the rest."""
+        """Let running jobs finish and the open claim return, for up to --drain-timeout; release the rest."""
         running = self.reporter.running()
         if running:
             log.info(
                 "shutting down: letting %d running job(s) finish, up to %g s (Ctrl-C again to release them now)",
                 running, self.settings.drain_timeout,
             )
+        elif self.claim_in_flight:
+            # A job the gateway hands to an abandoned long-poll would wait for its lease to expire.
+            log.info("shutting down: waiting for the open claim to return (Ctrl-C again to quit now)")
         else:
             log.info("shutting down")
         deadline = time.monotonic() + self.settings.drain_timeout
-        while self.reporter.running() and time.monotonic() < deadline and self.signals < 2 and not self.exit_code:
+        while (
+            (self.reporter.running() or self.claim_in_flight)
+            and time.monotonic() < deadline and self.signals < 2 and not self.exit_code
+        ):
             time.sleep(TICK)
         leftover = self.reporter.take_all()
         if leftover:
@@ -120,10 +143,12 @@ class Worker:
         try:
             results = self.gateway.release([{"id": job.id, "lease": job.lease} for job in jobs])
         except GatewayError as exc:
-            log.warning("could not release %d job(s): %s (the gateway takes them back when their leases expire)", len(jobs), exc)
+            log.warning(
+                "could not release %d job(s): %s (the gateway takes them back when their leases expire)", len(jobs), exc
+            )
             return
         states = {r.get("id"): r.get("state") or r.get("reason") or "?" for r in results if isinstance(r, dict)}
-        log.info("released %d job(s): %s", len(jobs), ", ".join(f"{job.id} ({states.get(job.id, '?')})" for job in jobs))
+        log.info("released %d job(s): %s", len(jobs), ", ".join(f"{j.id} ({states.get(j.id, '?')})" for j in jobs))
 
     def _fatal(self, message: str) -> None:
         """Stop the worker with exit status 1 after a problem retrying cannot fix."""
@@ -135,53 +160,74 @@ class Worker:
     # -- claiming --------------------------------------------------------------------
 
     def _claim_loop(self) -> None:
-        """Hold one long-poll open while slots are free; back off while the gateway is away."""
-        backoff = Backoff(first=1.0, cap=30.0)
-        state, ever_connected = "starting", False
-        while not self.stopping.is_set():
-            free = self.reporter.wait_for_slot(self.capacity, timeout=1.0)
-            if self.settings.max_jobs:
-                free = min(free, self.settings.max_jobs - self.claimed)
-                if free <= 0 and self.claimed >= self.settings.max_jobs:
-                    return
-            if free <= 0 or self.stopping.is_set():
+        """Hold one long-poll open while slots are free, until shutdown or --max-jobs."""
+        while True:
+            free = self._free_slots()
+            if free is None:
+                return
+            if free == 0:
                 continue  # every slot busy: no poll until one frees
-            # Until a claim succeeds, ask for an answer at once: the user sees "connected" (or
-            # the error) now rather than after a whole idle long-poll.
-            wait = self.settings.poll_wait if state == "connected" else 0
-            self.claim_in_flight = True
-            try:
-                answer = self.gateway.claim(self.settings.models, min(free, MAX_JOBS_PER_CLAIM), self.capacity, wait)
-            except TokenRejected as exc:
-                self._fatal(f"the gateway refused the worker token: {exc}")
-                return
-            except GatewayBusy as exc:
-                if state != "busy":
-                    log.warning("the gateway is busy (%s); waiting %.0f s between tries", exc, exc.retry_after)
-                state = "busy"
-                self.stopping.wait(exc.retry_after)
-                continue
-            except GatewayUnavailable as exc:
-                delay = backoff.next()
-                if state != "unreachable":
-                    log.warning("cannot reach the gateway at %s: %s; retrying with backoff", self.gateway.base_url, exc)
-                log.debug("next claim in %.1f s", delay)
-                state = "unreachable"
-                self.stopping.wait(delay)
-                continue
-            except GatewayError as exc:
-                self._fatal(f"the gateway refused the claim: {exc} (check --api-url and --models)")
-                return
-            finally:
-                self.claim_in_flight = False
-            backoff.reset()
-            if state != "connected":
-                self._log_connected(answer, again=ever_connected)
-                state, ever_connected = "connected", True
-            self._start_jobs(answer.get("jobs") or [])
+            answer = self._claim(free)
+            if answer is not None:
+                self._start_jobs(answer.get("jobs") or [])
+
+    def _free_slots(self) -> int | None:
+        """Wait up to a second for a free slot; return how many, or None when claiming is over."""
+        if self.stopping.is_set():
+            return None
+        free = self.reporter.wait_for_slot(self.capacity, timeout=1.0)
+        if self.settings.max_jobs:
+            left = self.settings.max_jobs - self.claimed
+            if left <= 0:
+                return None
+            free = min(free, left)
+        return free
+
+    def _claim(self, free: int) -> dict[str, Any] | None:
+        """Make one claim; on a failure log the change of state, wait as told and return None."""
+        # Raise the flag before looking at `stopping` (the drain reads them the other way
+        # round), so a shutdown either prevents this claim or waits for its answer.
+        self.claim_in_flight = True
+        if self.stopping.is_set():
+            self.claim_in_flight = False
+            return None
+        # Until a claim succeeds, ask for an answer at once: the user sees "connected" (or
+        # the error) now rather than after a whole idle long-poll.
+        wait = self.settings.poll_wait if self.claim_state == "connected" else 0
+        try:
+            answer = self.gateway.claim(self.settings.models, min(free, MAX_JOBS_PER_CLAIM), self.capacity, wait)
+        except TokenRejected as exc:
+            self._fatal(f"the gateway refused the worker token: {exc}")
+            return None
+        except GatewayBusy as exc:
+            if self.claim_state != "busy":
+                log.warning("the gateway is busy (%s); waiting %.0f s between tries", exc, exc.retry_after)
+            self.claim_state = "busy"
+            self.stopping.wait(exc.retry_after)
+            return None
+        except GatewayUnavailable as exc:
+            delay = self.claim_backoff.next()
+            if self.claim_state != "unreachable":
+                log.warning("cannot reach the gateway at %s: %s; retrying with backoff", self.gateway.base_url, exc)
+            log.debug("next claim in %.1f s", delay)
+            self.claim_state = "unreachable"
+            self.stopping.wait(delay)
+            return None
+        except GatewayError as exc:
+            self._fatal(f"the gateway refused the claim: {exc} (check --api-url and --models)")
+            return None
+        finally:
+            self.claim_in_flight = False
+        self.claim_backoff.reset()
+        if self.claim_state != "connected":
+            self._log_connected(answer, again=self.ever_connected)
+            self.claim_state, self.ever_connected = "connected", True
+        return answer
 
     def _log_connected(self, answer: dict[str, Any], again: bool) -> None:
-        worker = answer.get("worker") if isinstance(answer.get("worker"), dict) else {}
+        worker = answer.get("worker")
+        if not isinstance(worker, dict):
+            worker = {}
         log.info(
             "%s %s as worker %s (id %s); serving %s; capacity %d",
             "reconnected to" if again else "connected to", self.gateway.base_url,
@@ -224,7 +270,8 @@ class Worker:
             end = {"error": exc.as_report()}
         except Exception as exc:  # a bug in a backend must fail the job, not kill the worker
             log.exception("job %s: the %s backend crashed", job.id, self.settings.backend)
-            end = {"error": {"code": "upstream_error", "message": f"worker error: {type(exc).__name__}", "retry": job.next_seq == 0}}
+            message = f"worker error: {type(exc).__name__}"
+            end = {"error": {"code": "upstream_error", "message": message, "retry": job.next_seq == 0}}
         finally:
             events.close()
         if not job.stop.is_set():
@@ -249,7 +296,9 @@ class Worker:
             )
         elif reason in ("cancelled", "deadline", "lease_lost", "finished"):
             outcome = "stopped"
-            log.info("job %s stopped by the gateway (%s) after %.2f s, %d chunks", job.id, reason, seconds, job.next_seq)
+            log.info(
+                "job %s stopped by the gateway (%s) after %.2f s, %d chunks", job.id, reason, seconds, job.next_seq
+            )
         else:
             outcome = "failed"
             log.warning("job %s dropped after %.2f s (%s)", job.id, seconds, reason)
@@ -261,13 +310,15 @@ def _job_from(entry: Any) -> Job | None:
     """Build a Job from one claimed entry, or None when it lacks what a report needs."""
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not isinstance(entry.get("lease"), str):
         return None
-    request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
-    ttl = entry.get("lease_ttl")
+    request = entry.get("request")
+    if not isinstance(request, dict):
+        request = {}
+    ttl, attempt = entry.get("lease_ttl"), entry.get("attempt")
     return Job(
         id=entry["id"],
         lease=entry["lease"],
         model=str(entry.get("model") or request.get("model") or "?"),
         request=request,
         lease_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 30.0,
-        attempt=entry.get("attempt") if isinstance(entry.get("attempt"), int) else 1,
+        attempt=attempt if isinstance(attempt, int) else 1,
     )

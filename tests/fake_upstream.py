@@ -34,13 +34,14 @@ TOOL_ARGUMENTS = ['{"city": ', '"Paris"', "}"]
 SLOW_PIECES = 100
 SLOW_DELAY = 0.1
 HANG = 5.0
+BAD_KEY = {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}
 HTTP_ERRORS = {
     "fake-400": (400, {"message": "temperature must be at most 2", "type": "invalid_request_error", "code": None}),
     "fake-context": (400, {
         "message": "This model's maximum context length is 8192 tokens; your messages have 9000.",
         "type": "invalid_request_error", "code": "context_length_exceeded",
     }),
-    "fake-401": (401, {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}),
+    "fake-401": (401, BAD_KEY),
     "fake-429": (429, {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}),
     "fake-500": (500, {"message": "The server had an error", "type": "server_error", "code": None}),
 }
@@ -154,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         key = self.upstream.api_key
         if key and self.headers.get("Authorization") != f"Bearer {key}":
-            self._error(401, {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"})
+            self._error(401, BAD_KEY)
             return False
         return True
 
@@ -237,7 +238,8 @@ def _events(model: str, include_usage: bool) -> list[str | None]:
     events.append(_chunk(model, {}, finish))
     if include_usage:
         usage = {"prompt_tokens": 7, "completion_tokens": len(events) - 2, "total_tokens": len(events) + 5}
-        events.append(json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+        last = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+        events.append(json.dumps(last))
     events.append("[DONE]")
     return events
 

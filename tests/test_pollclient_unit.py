@@ -148,7 +148,8 @@ def test_openai_streams_reasoning_before_content(config: BackendConfig) -> None:
 
 
 def test_openai_streams_tool_calls(config: BackendConfig) -> None:
-    events = list(run_openai(chat("fake-tools", tools=[{"type": "function", "function": {"name": "get_weather"}}]), config, StopSignal()))
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    events = list(run_openai(chat("fake-tools", tools=tools), config, StopSignal()))
     calls = [c for e in events if "delta" in e for c in e["delta"]["tool_calls"]]
     assert calls[0]["id"] == "call_1" and calls[0]["function"]["name"] == "get_weather"
     assert "".join(c["function"]["arguments"] for c in calls) == "".join(TOOL_ARGUMENTS)
@@ -316,7 +317,8 @@ def test_cli_unreachable_upstream_exits_non_zero() -> None:
     result = run_cli("--api-url", "http://127.0.0.1:5000", "--backend", "openai", "--upstream-url", url,
                      POLLCLIENT_TOKEN=TOKEN)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"pollclient: error: cannot reach the upstream at {url}: connection refused"]
+    expected = f"pollclient: error: cannot reach the upstream at {url}: connection refused"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_cli_help_names_the_environment_variables() -> None:
@@ -345,6 +347,7 @@ class FakeGateway:
         self.cond = threading.Condition()
         self.queue: list[dict[str, Any]] = []
         self.claims: list[dict[str, Any]] = []
+        self.claim_times: list[float] = []
         self.claimed_at: list[float] = []  # when each job-bearing claim was answered
         self.reports: list[tuple[float, dict[str, Any]]] = []
         self.releases: list[dict[str, Any]] = []
@@ -352,7 +355,10 @@ class FakeGateway:
         self.ended: dict[str, dict[str, Any]] = {}
         self.leases: dict[str, str] = {}
         self.claim_status = 200
+        self.busy_claims = 0  # answer this many claims with 503 and Retry-After: 1
+        self.hold = 0.3  # longest an empty claim is held, whatever its wait
         self.fail_reports = 0  # answer this many chunk reports with a 500
+        self.max_chunks = 2000  # a report with more chunks gets a 413, like the real MAX_CHUNKS_PER_REPORT
         self.gap_once: set[str] = set()  # jobs whose first report gets a seq_gap back
         self.cancel: set[str] = set()  # jobs answered stop/cancelled
         handler = type("Handler", (_GatewayHandler,), {"gateway": self})
@@ -362,9 +368,9 @@ class FakeGateway:
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
-    def add_job(self, job_id: str, text: str) -> None:
+    def add_job(self, job_id: str, text: str, model: str = "echo") -> None:
         with self.cond:
-            self.queue.append({"id": job_id, "text": text})
+            self.queue.append({"id": job_id, "text": text, "model": model})
             self.cond.notify_all()
 
     def text(self, job_id: str) -> str:
@@ -395,9 +401,14 @@ class FakeGateway:
 
     def _claim(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self.claims.append(body)
+        self.claim_times.append(time.monotonic())
+        self.cond.notify_all()  # wake a test waiting for this claim, before holding it
+        if self.busy_claims:
+            self.busy_claims -= 1
+            return 503, {"error": {"message": "Too many held requests.", "type": "server_error"}}
         if self.claim_status != 200:
             return self.claim_status, {"error": {"message": "Invalid worker token.", "type": "invalid_request_error"}}
-        self.cond.wait_for(lambda: self.queue, min(body["wait"], 0.3))
+        self.cond.wait_for(lambda: self.queue, min(body["wait"], self.hold))
         jobs, self.queue = self.queue[: body["max_jobs"]], self.queue[body["max_jobs"]:]
         answer = []
         for job in jobs:
@@ -405,8 +416,8 @@ class FakeGateway:
             self.stored.setdefault(job["id"], [])
             answer.append({
                 "id": job["id"], "lease": self.leases[job["id"]], "lease_ttl": self.lease_ttl, "deadline_in": 300,
-                "attempt": 1, "model": "echo",
-                "request": {"model": "echo", "messages": [{"role": "user", "content": job["text"]}]},
+                "attempt": 1, "model": job["model"],
+                "request": {"model": job["model"], "messages": [{"role": "user", "content": job["text"]}]},
             })
         if answer:
             self.claimed_at.append(time.monotonic())
@@ -417,6 +428,8 @@ class FakeGateway:
         if self.fail_reports:
             self.fail_reports -= 1
             return 500, {"error": {"message": "database is locked"}}
+        if sum(len(entry["chunks"]) for entry in body["jobs"]) > self.max_chunks:
+            return 413, {"error": {"message": "Too many chunks in one report; send smaller batches."}}
         return 200, {"jobs": [self._apply(entry) for entry in body["jobs"]]}
 
     def _apply(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -457,6 +470,8 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if status == 503:
+            self.send_header("Retry-After", "1")
         self.end_headers()
         self.wfile.write(data)
 
@@ -501,6 +516,17 @@ def test_worker_serves_an_echo_job(gateway: FakeGateway) -> None:
     assert "job job-1 finished: model echo, 5 chunks" in log
 
 
+def test_worker_serves_an_openai_job_with_discovered_models(gateway: FakeGateway, upstream: FakeUpstream) -> None:
+    gateway.add_job("job-1", "hi", model="fake-reasoning")
+    code, log = finish(start_worker(gateway.url, "--once", "--backend", "openai", "--upstream-url", upstream.url))
+    assert code == 0, log
+    assert gateway.claims[0]["models"][:3] == ["fake-chat", "fake-reasoning", "fake-tools"]
+    assert gateway.text("job-1") == ANSWER
+    reasoning = "".join(c.get("reasoning_content", "") for c in gateway.stored["job-1"])
+    assert reasoning == REASONING
+    assert gateway.ended["job-1"] == {"reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 14}}
+
+
 def test_worker_resends_after_a_failed_report_and_a_seq_gap(gateway: FakeGateway) -> None:
     gateway.fail_reports = 2
     gateway.gap_once.add("job-1")
@@ -512,6 +538,16 @@ def test_worker_resends_after_a_failed_report_and_a_seq_gap(gateway: FakeGateway
     first_seqs = [[c["seq"] for c in r["jobs"][0]["chunks"]] for _, r in gateway.reports[:3]]
     assert first_seqs[0][0] == 0 and first_seqs[1][0] == 0 and first_seqs[2][0] == 0  # resent from seq 0
     assert "cannot send output to the gateway" in log
+
+
+def test_worker_sends_smaller_reports_after_a_413(gateway: FakeGateway) -> None:
+    gateway.max_chunks = 10
+    text = " ".join(f"w{i}" for i in range(60))
+    gateway.add_job("job-1", text)
+    code, log = finish(start_worker(gateway.url, "--once", "--flush-interval", "0.2"))
+    assert code == 0, log
+    assert gateway.text("job-1") == text
+    assert "report too large" in log
 
 
 def test_worker_stops_a_cancelled_job(gateway: FakeGateway) -> None:
@@ -581,6 +617,17 @@ def test_worker_exits_on_a_rejected_token(gateway: FakeGateway) -> None:
     assert "the gateway refused the worker token: Invalid worker token." in log
 
 
+def test_worker_waits_retry_after_when_the_gateway_is_busy(gateway: FakeGateway) -> None:
+    gateway.busy_claims = 2
+    gateway.add_job("job-1", "patience")
+    code, log = finish(start_worker(gateway.url, "--once"))
+    assert code == 0, log
+    assert gateway.text("job-1") == "patience"
+    assert log.count("the gateway is busy (Too many held requests.); waiting 1 s") == 1
+    times = gateway.claim_times
+    assert len(times) == 3 and all(0.9 < b - a < 2 for a, b in zip(times, times[1:]))
+
+
 def test_worker_drains_then_releases_on_sigint(gateway: FakeGateway) -> None:
     gateway.add_job("job-1", "a b c d e f g h")
     worker = start_worker(gateway.url, "--echo-delay", "1", "--drain-timeout", "0.5")
@@ -613,6 +660,20 @@ def test_worker_second_ctrl_c_releases_at_once(gateway: FakeGateway) -> None:
     code, log = finish(worker, timeout=10)
     assert code == 0 and time.monotonic() - started < 3, log
     assert len(gateway.releases) == 1
+
+
+def test_worker_releases_a_job_claimed_after_shutdown_began(gateway: FakeGateway) -> None:
+    gateway.hold = 10
+    worker = start_worker(gateway.url, "--drain-timeout", "10", "--poll-wait", "20")
+    assert gateway.wait(lambda: len(gateway.claims) >= 2)  # connected, now in a long-poll
+    worker.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    gateway.add_job("job-1", "too late")
+    code, log = finish(worker, timeout=10)
+    assert code == 0, log
+    assert gateway.releases == [{"jobs": [{"id": "job-1", "lease": "lease-job-1"}]}]
+    assert "waiting for the open claim to return" in log and "releasing 1 job(s) claimed meanwhile" in log
+    assert gateway.text("job-1") == ""
 
 
 def test_worker_waits_for_the_gateway_to_come_back() -> None:

@@ -1,0 +1,221 @@
+"""The pollclient as a real subprocess serving the gateway, on SQLite and MariaDB."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import openai
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from conftest import ROOT
+from fake_upstream import ANSWER, REASONING, start_fake_upstream
+from mariadb import free_port
+from webapp import jobs
+from webapp.models import Job
+
+PROMPT = [{"role": "user", "content": "one two three four five six"}]
+
+
+@contextmanager
+def pollclient(url: str, token: str, *args: str):
+    """Run `python pollclient` against the gateway; stop it with SIGINT at the end."""
+    env = {**os.environ, "POLLCLIENT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "pollclient"), "--api-url", url, "--poll-wait", "2", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=5)
+
+
+def api(live, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0)
+
+
+def wait_for_models(client: openai.OpenAI, *models: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if set(models) <= {m.id for m in client.models.list()}:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"models {models} never showed up")
+
+
+def job_rows(app) -> list[Job]:
+    with app.app_context(), jobs.db.session() as s:
+        return list(s.query(Job).order_by(Job.id))
+
+
+def test_echo_worker_serves_concurrent_streams(app, account, live):
+    client = api(live, account.key)
+    with pollclient(live.url, account.token, "--backend", "echo", "--max-concurrent", "4", "--echo-delay", "0.05"):
+        wait_for_models(client, "echo")
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            stream = client.chat.completions.create(
+                model="echo", stream=True, messages=[{"role": "user", "content": f"request {i} says hello"}])
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        plain = client.chat.completions.create(model="echo", messages=PROMPT)
+    assert results == {i: f"request {i} says hello" for i in range(6)}
+    assert plain.choices[0].message.content == PROMPT[0]["content"]
+    rows = job_rows(app)
+    assert [r.state for r in rows] == ["completed"] * 7
+    # Four slots: some jobs overlapped in time.
+    spans = sorted((r.claimed_at, r.finished_at) for r in rows[:6])
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_openai_backend_relays_an_upstream_stream(app, account, live):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-chat,fake-reasoning"):
+            wait_for_models(client, "fake-chat", "fake-reasoning")
+            stream = client.chat.completions.create(
+                model="fake-chat", messages=PROMPT, stream=True, temperature=0.5,
+                stream_options={"include_usage": True})
+            chunks = list(stream)
+            reply = client.chat.completions.create(model="fake-reasoning", messages=PROMPT)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert chunks[-1].usage is not None
+    assert reply.choices[0].message.content == ANSWER
+    assert reply.choices[0].message.model_extra["reasoning_content"] == REASONING
+    sent = next(r["body"] for r in upstream.requests if r["method"] == "POST")
+    assert sent["model"] == "fake-chat" and sent["temperature"] == 0.5 and sent["messages"] == PROMPT
+    assert job_rows(app)[0].usage_source == "worker"
+
+
+@pytest.mark.parametrize("model, status", [("fake-429", 429), ("fake-context", 400), ("fake-400", 400)])
+def test_upstream_errors_reach_the_client_as_openai_errors(app, account, live, model, status):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", model):
+            wait_for_models(client, model)
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model=model, messages=PROMPT)
+    assert err.value.status_code == status
+
+
+def test_client_disconnect_stops_the_upstream_stream(app, account, live):
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-slow"):
+            wait_for_models(api(live, account.key), "fake-slow")
+            with requests.post(f"{live.url}/v1/chat/completions", stream=True, timeout=30,
+                               headers={"Authorization": f"Bearer {account.key}"},
+                               json={"model": "fake-slow", "messages": PROMPT, "stream": True}) as r:
+                lines = r.iter_lines()
+                for _ in range(4):
+                    next(lines)
+            assert upstream.wait_closed_early("fake-slow", timeout=15)
+    assert job_rows(app)[0].state == "cancelled"
+
+
+def test_worker_killed_mid_stream_fails_the_job_cleanly(app, account, live):
+    client = api(live, account.key)
+    with pollclient(live.url, account.token, "--backend", "echo", "--echo-delay", "0.3") as (proc, _):
+        wait_for_models(client, "echo")
+        stream = client.chat.completions.create(
+            model="echo", stream=True, messages=[{"role": "user", "content": " ".join(["word"] * 40)}])
+        received = []
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "")
+                if len(received) == 4:
+                    proc.kill()  # SIGKILL: no chance to hand the job back
+    assert "stopped answering" in str(err.value)
+    text = "".join(received)
+    assert text and "word word" in text
+    assert job_rows(app)[0].error_code == "worker_lost"
+
+
+def test_ctrl_c_hands_back_a_job_it_cannot_finish(app, account, live):
+    client = api(live, account.key)
+    with pollclient(live.url, account.token, "--backend", "echo", "--echo-delay", "0.2",
+                    "--drain-timeout", "0.5") as (proc, log):
+        wait_for_models(client, "echo")
+        stream = client.chat.completions.create(
+            model="echo", stream=True, messages=[{"role": "user", "content": " ".join(["word"] * 60)}])
+        received = []
+        with pytest.raises(openai.APIError) as err:
+            for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "")
+                if len(received) == 3:
+                    proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    assert "shut down" in str(err.value)
+    assert job_rows(app)[0].error_code == "worker_released"
+    assert any("released 1 job" in line for line in log)
+
+
+def test_ctrl_c_lets_a_short_job_finish(app, account, live):
+    client = api(live, account.key)
+    with pollclient(live.url, account.token, "--backend", "echo", "--echo-delay", "0.1",
+                    "--drain-timeout", "10") as (proc, _):
+        wait_for_models(client, "echo")
+        stream = client.chat.completions.create(model="echo", stream=True, messages=PROMPT)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGINT)
+        text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert proc.wait(timeout=20) == 0
+    assert text == PROMPT[0]["content"]
+
+
+def test_worker_rides_out_a_gateway_outage(app, account):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with pollclient(url, account.token, "--backend", "echo") as (proc, log):
+        time.sleep(1.5)  # nothing listens yet: the worker backs off
+        assert proc.poll() is None
+        server = make_server("127.0.0.1", port, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=account.key, max_retries=0)
+            wait_for_models(client, "echo", timeout=40)
+            reply = client.chat.completions.create(model="echo", messages=PROMPT)
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+            server.server_close()
+    assert reply.choices[0].message.content == PROMPT[0]["content"]
+    assert any("cannot reach the gateway" in line for line in log)
+
+
+def test_bad_token_exits_with_a_readable_error(app, live):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pollclient"), "--api-url", live.url, "--backend", "echo"],
+        cwd=ROOT, env={**os.environ, "POLLCLIENT_TOKEN": "pgw_not-a-real-token"},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "token" in done.stderr.lower()
+    assert "pgw_not-a-real-token" not in done.stderr + done.stdout
