@@ -192,7 +192,11 @@ def test_worker_rides_out_a_gateway_outage(app, account):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with pollclient(url, account.token, "--backend", "echo") as (proc, log):
-        time.sleep(1.5)  # nothing listens yet: the worker backs off
+        # Nothing listens yet: the worker says so and backs off instead of exiting.
+        end = time.monotonic() + 30
+        while not any("cannot reach the gateway" in line for line in log) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert any("cannot reach the gateway" in line for line in log), log
         assert proc.poll() is None
         server = make_server("127.0.0.1", port, app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -206,7 +210,6 @@ def test_worker_rides_out_a_gateway_outage(app, account):
             thread.join(timeout=10)
             server.server_close()
     assert reply.choices[0].message.content == PROMPT[0]["content"]
-    assert any("cannot reach the gateway" in line for line in log)
 
 
 def test_bad_token_exits_with_a_readable_error(app, live):
