@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import openai
 import pytest
 from werkzeug.serving import make_server
 
@@ -143,3 +144,14 @@ def ctx(app):
 def dbh(ctx):
     """The database handle, inside the app context."""
     return db
+
+
+def read_until_error(stream, act_at: int = 0, action=None) -> tuple[str, openai.APIError]:
+    """Read an openai stream that must end in an error event; optionally act after act_at chunks."""
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if action is not None and len(received) == act_at:
+                action()
+    return "".join(received), err.value

@@ -14,7 +14,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from conftest import ROOT
+from conftest import ROOT, read_until_error
 from fake_upstream import ANSWER, REASONING, start_fake_upstream
 from mariadb import free_port
 from webapp import jobs
@@ -144,14 +144,9 @@ def test_worker_killed_mid_stream_fails_the_job_cleanly(app, account, live):
         wait_for_models(client, "echo")
         stream = client.chat.completions.create(
             model="echo", stream=True, messages=[{"role": "user", "content": " ".join(["word"] * 40)}])
-        received = []
-        with pytest.raises(openai.APIError) as err:
-            for chunk in stream:
-                received.append(chunk.choices[0].delta.content or "")
-                if len(received) == 4:
-                    proc.kill()  # SIGKILL: no chance to hand the job back
-    assert "stopped answering" in str(err.value)
-    text = "".join(received)
+        # SIGKILL after four chunks: no chance to hand the job back.
+        text, err = read_until_error(stream, 4, proc.kill)
+    assert "stopped answering" in str(err)
     assert text and "word word" in text
     assert job_rows(app)[0].error_code == "worker_lost"
 
@@ -163,14 +158,9 @@ def test_ctrl_c_hands_back_a_job_it_cannot_finish(app, account, live):
         wait_for_models(client, "echo")
         stream = client.chat.completions.create(
             model="echo", stream=True, messages=[{"role": "user", "content": " ".join(["word"] * 60)}])
-        received = []
-        with pytest.raises(openai.APIError) as err:
-            for chunk in stream:
-                received.append(chunk.choices[0].delta.content or "")
-                if len(received) == 3:
-                    proc.send_signal(signal.SIGINT)
+        _, err = read_until_error(stream, 3, lambda: proc.send_signal(signal.SIGINT))
         assert proc.wait(timeout=20) == 0
-    assert "shut down" in str(err.value)
+    assert "shut down" in str(err)
     assert job_rows(app)[0].error_code == "worker_released"
     assert any("released 1 job" in line for line in log)
 
