@@ -37,6 +37,7 @@ class Job:
     end: dict[str, Any] | None = None  # {"finish": {...}} or {"error": {...}}
     started: float = field(default_factory=time.monotonic)
     last_report: float = field(default_factory=time.monotonic)  # when the lease was last renewed
+    flushed: bool = False  # whether any of this job's output has been sent
 
     @property
     def pending(self) -> bool:
@@ -144,8 +145,10 @@ class Reporter:
                     return
                 now = time.monotonic()
                 entries = self._take_batch(now)
-                if any(e["chunks"] or "finish" in e or "error" in e for e in entries):
-                    self.last_flush = now  # heartbeats alone do not delay the next output
+                for entry in entries:
+                    if entry["chunks"] or "finish" in entry or "error" in entry:
+                        self.jobs[entry["id"]].flushed = True
+                        self.last_flush = now  # heartbeats alone do not delay the next output
             if entries:
                 self._send(entries)
 
@@ -154,9 +157,11 @@ class Reporter:
         due = math.inf
         for job in self.jobs.values():
             if job.pending:
-                # The first delta after a quiet spell goes at once (last_flush is old);
-                # a busy stream is sent every flush_interval, batched.
-                due = min(due, self.last_flush + self.flush_interval)
+                # A job's first delta goes at once: it is the client's time to first token,
+                # and must not wait out another job's interval. After that, output from
+                # every job is batched into one report per flush_interval (the first delta
+                # after a quiet spell still goes at once, as last_flush is old by then).
+                due = min(due, self.last_flush + self.flush_interval if job.flushed else -math.inf)
             due = min(due, job.last_report + job.lease_ttl / 3)
         return max(due, self.retry_at)
 

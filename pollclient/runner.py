@@ -18,6 +18,7 @@ log = logging.getLogger("pollclient")
 STATUS_EVERY = 60.0  # seconds between "running 2/4, served 10, failed 0" lines
 TICK = 0.1  # how often the main thread looks at its flags
 MAX_JOBS_PER_CLAIM = 32  # the protocol's limit on max_jobs
+SUPERSEDED_PAUSE = 5.0  # seconds to yield when another process polls with our token
 
 
 class Worker:
@@ -222,6 +223,11 @@ class Worker:
         if self.claim_state != "connected":
             self._log_connected(answer, again=self.ever_connected)
             self.claim_state, self.ever_connected = "connected", True
+        if answer.get("superseded"):
+            # Another process claimed with this token and retired our poll; claiming again
+            # at once would retire theirs in turn, back and forth.
+            log.warning("another process is using this worker token; give each worker its own token")
+            self.stopping.wait(SUPERSEDED_PAUSE)
         return answer
 
     def _log_connected(self, answer: dict[str, Any], again: bool) -> None:
