@@ -1,13 +1,15 @@
 """Cheap cross-process wake-ups: bell files whose mtime changes when there is news.
 
-A waiter stats one small file per tick instead of querying the database; every process on
-the host (Passenger's pool, gunicorn's workers) shares the folder. The database is still
-re-checked every WAKE_RECHECK seconds, which covers nodes that do not share the folder.
+One thread per process stats the files that someone waits on, once per tick, instead of
+anyone querying the database; every process on the host (Passenger's pool, gunicorn's
+workers) shares the folder. Waiters still re-check the database every WAKE_RECHECK
+seconds, which covers nodes that do not share the folder.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import zlib
 
@@ -36,6 +38,11 @@ def job_topic(job_id: int) -> str:
     return f"job:{job_id}"
 
 
+def worker_topic(worker_id: int) -> str:
+    """Name the bell a worker's newest long-poll rings to retire older ones."""
+    return f"worker-{worker_id}"
+
+
 def ring(*topics: str) -> None:
     """Wake everyone waiting on these topics; call after the news is committed."""
     for topic in topics:
@@ -55,24 +62,72 @@ def ring(*topics: str) -> None:
 
 def stamp(topic: str) -> int:
     """Read a topic's bell; take it before reading the database, then wait on it."""
-    try:
-        return os.stat(_file(topic)).st_mtime_ns
-    except OSError:
-        return 0
+    return _mtime(_file(topic))
 
 
 def wait(topic: str, since: int, timeout: float) -> bool:
     """Sleep until the topic's bell changes from `since` or the timeout passes."""
-    tick = current_app.config["WAKE_TICK"]
-    path = _file(topic)
-    end = time.monotonic() + max(0.0, timeout)
-    while True:
+    return wait_any({topic: since}, timeout)
+
+
+def wait_any(stamps: dict[str, int], timeout: float) -> bool:
+    """Sleep until any of these bells changes from its stamp or the timeout passes."""
+    if timeout <= 0:
+        return False
+    watched = tuple((_file(topic), since) for topic, since in stamps.items())
+    return _watcher.wait(watched, timeout, current_app.config["WAKE_TICK"])
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+class _Watcher:
+    """One thread per process stats the bells someone waits on and wakes those waiters.
+
+    Idle waiters then cost nothing but an Event each, however many threads wait.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.waiters: set[tuple[tuple[tuple[str, int], ...], threading.Event]] = set()
+        self.tick = 0.005
+        self.pid = 0
+
+    def wait(self, watched: tuple[tuple[str, int], ...], timeout: float, tick: float) -> bool:
+        """Register, sleep on an Event until the watcher sets it or the timeout passes."""
+        entry = (watched, threading.Event())
+        with self.cond:
+            if self.pid != os.getpid():
+                # First use in this process (or after a fork): the parent's thread is gone.
+                self.pid = os.getpid()
+                self.waiters = set()
+                threading.Thread(target=self.run, name="pollgate-bells", daemon=True).start()
+            self.tick = tick
+            self.waiters.add(entry)
+            self.cond.notify()
         try:
-            if os.stat(path).st_mtime_ns != since:
-                return True
-        except OSError:
-            pass
-        left = end - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(tick, left))
+            return entry[1].wait(timeout)
+        finally:
+            with self.cond:
+                self.waiters.discard(entry)
+
+    def run(self) -> None:
+        """Stat each watched bell once per tick and set the events of waiters it concerns."""
+        while True:
+            with self.cond:
+                while not self.waiters:
+                    self.cond.wait()
+                waiters = list(self.waiters)
+                tick = self.tick
+            stamps = {path: _mtime(path) for watched, _ in waiters for path, _ in watched}
+            for watched, event in waiters:
+                if any(stamps[path] != since for path, since in watched):
+                    event.set()
+            time.sleep(tick)
+
+
+_watcher = _Watcher()
