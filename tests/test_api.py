@@ -23,7 +23,7 @@ def client(live, key, **kw) -> openai.OpenAI:
 
 
 def only_job(app) -> Job:
-    with app.app_context(), jobs.db.session() as s:
+    with app.app_context(), jobs.db.read() as s:
         return s.query(Job).one()
 
 
@@ -177,7 +177,7 @@ def test_invalid_request_is_400_naming_the_param(app, account, live, body, param
     assert err.value.status_code == 400
     assert err.value.param == param
     assert err.value.body["type"] == "invalid_request_error"
-    with app.app_context(), jobs.db.session() as s:
+    with app.app_context(), jobs.db.read() as s:
         assert s.query(Job).count() == 0
 
 

@@ -61,7 +61,7 @@ def wait_for_models(client: openai.OpenAI, *models: str, timeout: float = 20) ->
 
 
 def job_rows(app) -> list[Job]:
-    with app.app_context(), jobs.db.session() as s:
+    with app.app_context(), jobs.db.read() as s:
         return list(s.query(Job).order_by(Job.id))
 
 

@@ -97,7 +97,7 @@ def claim_race(app, n_jobs=1000, n_workers=50):
     account = make_account(app, f"race-{random.random()}@example.com", shared=False)
     ids = submit(app, account, n_jobs)
     with app.app_context():
-        with jobs.db.session() as s:
+        with jobs.db.read() as s:
             worker = s.scalar(select(Worker).where(Worker.user_id == account.user_id))
     wins: Counter = Counter()
     lock = threading.Lock()
@@ -111,7 +111,7 @@ def claim_race(app, n_jobs=1000, n_workers=50):
                 while True:
                     got = jobs.claim_jobs(worker, ["echo"], random.randint(1, 4))
                     if not got:
-                        with jobs.db.session() as s:
+                        with jobs.db.read() as s:
                             left = s.scalar(select(func.count()).select_from(Job).where(Job.state == "queued"))
                         if not left:
                             return
@@ -126,7 +126,7 @@ def claim_race(app, n_jobs=1000, n_workers=50):
     for t in threads:
         t.join(timeout=300)
     assert not failures, failures
-    with app.app_context(), jobs.db.session() as s:
+    with app.app_context(), jobs.db.read() as s:
         attempts = dict(s.execute(select(Job.id, Job.attempts).where(Job.id.in_(ids))).all())
     return ids, wins, attempts
 
@@ -351,6 +351,22 @@ def test_chunk_rows_match_next_seq(app, account, live):
     worker = ProtoWorker(live.url, account.token)
     job = worker.claim()[0]
     worker.say(job, "one two three", finish={"reason": "stop"})
-    with app.app_context(), jobs.db.session() as s:
+    with app.app_context(), jobs.db.read() as s:
         count = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.job_id == job_id))
     assert count == job_row(app, job_id).next_seq == 3
+
+
+def test_newer_long_poll_retires_the_older_one(app, account, live):
+    old, new = ProtoWorker(live.url, account.token), ProtoWorker(live.url, account.token)
+    answers = []
+    holder = threading.Thread(target=lambda: answers.append(
+        old.post("claim", {"models": ["echo"], "max_jobs": 1, "wait": 5}).json()))
+    holder.start()
+    time.sleep(0.5)  # the old poll is waiting: its client "restarted" and polls anew
+    threading.Timer(0.5, submit, (app, account)).start()
+    started = time.monotonic()
+    claimed = new.claim(wait=5)
+    holder.join(timeout=10)
+    assert answers[0]["jobs"] == [] and answers[0]["superseded"] is True
+    assert len(claimed) == 1  # the job went to the live poll, not the retired one
+    assert time.monotonic() - started < 4

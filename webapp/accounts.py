@@ -47,7 +47,7 @@ def create_user(email: str, password: str, is_admin: bool = False) -> User:
 
 def find_user(email: str) -> Optional[User]:
     """Return the user with this email, if any."""
-    with db.session() as s:
+    with db.read() as s:
         return s.scalar(select(User).where(User.email == email.strip().lower()))
 
 
@@ -95,7 +95,7 @@ def authenticate_api_key(header: Optional[str]) -> ApiKey:
             code="missing_api_key",
         )
     digest = hash_secret(secret)
-    with db.session() as s:
+    with db.read() as s:
         key = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
     if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
         # Never echo the key back: it may be a real secret pasted in the wrong place.
@@ -112,7 +112,7 @@ def authenticate_worker(header: Optional[str]) -> Worker:
     secret = bearer_secret(header)
     if secret is None:
         raise ApiError(401, "Send the worker token as 'Authorization: Bearer pgw_...'.", code="missing_token")
-    with db.session() as s:
+    with db.read() as s:
         worker = s.scalar(select(Worker).where(Worker.token_hash == hash_secret(secret)))
     if worker is None or worker.revoked_at is not None:
         raise ApiError(401, "Unknown or revoked worker token.", code="invalid_worker_token")

@@ -39,7 +39,7 @@ def json_body() -> Any:
 def live_models(user_id: int) -> dict[str, int]:
     """Map each model a live worker visible to this user advertises to when it was first seen."""
     since = utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
-    with db.session() as s:
+    with db.read() as s:
         workers = s.scalars(
             select(Worker).where(
                 Worker.revoked_at.is_(None),

@@ -14,7 +14,7 @@ CLAIM_PATH = "auto"
 
 # Queue timings, in seconds.
 CLAIM_WAIT_MAX = 25.0  # longest a worker's long-poll is held (nginx fronts drop at 60 s)
-LEASE_TTL = 30.0  # a claimed job is lost if its worker stays silent this long
+LEASE_TTL = 15.0  # a claimed job is lost if its worker stays silent this long (it heartbeats at a third)
 DISPATCH_TIMEOUT = 30.0  # an API request with no worker picking it up by then gets 503
 JOB_TIMEOUT = 600.0  # hard deadline for a job from submission (504 past it)
 JOB_MAX_ATTEMPTS = 3  # claims per job before a lost worker fails it (AI Horde fails after 2 faults)

@@ -38,6 +38,9 @@ def make_engine(url: str, pool_size: int = 2, pool_recycle: int = 280) -> Engine
         max_overflow=0,
         pool_pre_ping=True,
         pool_recycle=pool_recycle,
+        # Every session ends its own transaction (db.read() and db.begin() close or commit),
+        # so the pool's extra ROLLBACK on return would be one more query per wake-up.
+        pool_reset_on_return=None,
         # READ COMMITTED: a long-poll that re-reads sees other processes' commits at once.
         isolation_level="READ COMMITTED",
     )
@@ -58,9 +61,13 @@ def _serialize_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(conn) -> None:
-        # A deferred transaction that later writes fails with SQLITE_BUSY at once instead
-        # of waiting; taking the write lock up front turns that into an orderly queue.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("pollgate_read_only"):
+            # Reads run beside the writer under WAL, without taking its lock.
+            conn.exec_driver_sql("BEGIN")
+        else:
+            # A deferred transaction that later writes fails with SQLITE_BUSY at once
+            # instead of waiting; taking the write lock up front makes an orderly queue.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def server_supports_skip_locked(engine: Engine) -> bool:
@@ -92,6 +99,9 @@ class Database:
         )
         app.extensions["pollgate.engine"] = engine
         app.extensions["pollgate.sessions"] = sessionmaker(engine, expire_on_commit=False)
+        app.extensions["pollgate.readers"] = sessionmaker(
+            engine.execution_options(pollgate_read_only=True), expire_on_commit=False
+        )
         app.extensions["pollgate.skip_locked"] = None  # decided on first claim
 
     @property
@@ -99,14 +109,14 @@ class Database:
         """Return the current app's engine."""
         return current_app.extensions["pollgate.engine"]
 
-    def session(self) -> Session:
-        """Open a session; the caller ends it (use `with`)."""
-        return current_app.extensions["pollgate.sessions"]()
+    def read(self) -> Session:
+        """Open a session for reading only; use it in a `with` so the read ends."""
+        return current_app.extensions["pollgate.readers"]()
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
-        """Run one transaction: commit on success, roll back on error."""
-        with self.session() as session, session.begin():
+        """Run one write transaction: commit on success, roll back on error."""
+        with current_app.extensions["pollgate.sessions"]() as session, session.begin():
             yield session
 
     def uses_skip_locked(self) -> bool:

@@ -110,9 +110,10 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
                 s.execute(update(Job).where(Job.id == job_id).values(**_lease_values(worker, now)))
             won = list(ids)
     else:
-        with db.session() as s:
-            # Read candidates without locks; extra ones cover those others win first.
-            candidates = s.scalars(_claimable(worker, models, now).limit(max_jobs * 4)).all()
+        with db.read() as s:
+            # Read candidates without locks; a wide window leaves room to spread out when
+            # other claimers win the head of the queue first.
+            candidates = s.scalars(_claimable(worker, models, now).limit(max(16, max_jobs * 8))).all()
         candidates = list(candidates)
         while candidates and len(won) < max_jobs:
             job_id = candidates.pop(0)
@@ -132,7 +133,7 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
                 random.shuffle(candidates)
     if not won:
         return []
-    with db.session() as s:
+    with db.read() as s:
         jobs = s.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.rank, Job.id)).all()
     wake.ring(*(wake.job_topic(j.id) for j in jobs))
     return list(jobs)
@@ -309,7 +310,7 @@ def expire_job(job_id: int) -> bool:
 
 def read_progress(job_id: int, from_seq: int) -> tuple[Job, list[Chunk]]:
     """Read a job and its chunks from from_seq on; chunks are fetched only when there are new ones."""
-    with db.session() as s:
+    with db.read() as s:
         job = s.get(Job, job_id)
         chunks: list[Chunk] = []
         if job is not None and job.next_seq > from_seq:
@@ -324,7 +325,7 @@ def reap_expired(limit: int = 200) -> dict[str, int]:
     """Re-queue or fail jobs whose lease lapsed, and expire jobs past their deadline."""
     now = utcnow()
     counts = {"requeued": 0, "failed": 0, "expired": 0}
-    with db.session() as s:
+    with db.read() as s:
         rows = s.execute(
             select(Job.id, Job.state, Job.lease_token, Job.deadline_at)
             .where(

@@ -21,11 +21,15 @@ def wait_for_start(job_id: int, patience: float) -> Job:
     cfg = current_app.config
     started = time.monotonic()
     topic = wake.job_topic(job_id)
+    seen = ("queued", 0)
     while True:
         since = wake.stamp(topic)
         job, _ = jobs.read_progress(job_id, 0)
         if job.state in jobs.TERMINAL or job.next_seq > 0:
             return job
+        if (job.state, job.attempts) != seen:
+            # Claimed, or queued again after a lost worker: the wait starts over.
+            seen, started = (job.state, job.attempts), time.monotonic()
         waited = time.monotonic() - started
         if job.state == "queued" and waited >= cfg["DISPATCH_TIMEOUT"]:
             if jobs.expire_unclaimed(job_id):

@@ -89,15 +89,26 @@ def claim():
     jobs.touch_worker(worker.id, ask["models"], ask["capacity"], ask["kind"], ask["version"])
     cfg = current_app.config
     end = time.monotonic() + ask["wait"]
+    # A worker holds one long-poll. A newer one means the client of this one is gone
+    # (restarted, or its connection dropped): this one must stop claiming jobs that
+    # would be answered to a dead socket and sit until their leases lapse.
+    me = wake.worker_topic(worker.id)
+    wake.ring(me)
+    mine = wake.stamp(me)
+    superseded = False
     while True:
         since = wake.stamp("jobs")
-        claimed = jobs.claim_jobs(worker, ask["models"], ask["max_jobs"])
+        superseded = wake.stamp(me) != mine
+        claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"])
         left = end - time.monotonic()
-        if claimed or left <= 0:
+        if claimed or superseded or left <= 0:
             break
         jobs.reap_if_due()
-        wake.wait("jobs", since, min(cfg["WAKE_RECHECK"], left))
-    return jsonify({"worker": {"id": worker.id, "name": worker.name}, "jobs": [job_payload(j) for j in claimed]})
+        wake.wait_any({"jobs": since, me: mine}, min(cfg["WAKE_RECHECK"], left))
+    body: dict[str, Any] = {"worker": {"id": worker.id, "name": worker.name}, "jobs": [job_payload(j) for j in claimed]}
+    if superseded:
+        body["superseded"] = True
+    return jsonify(body)
 
 
 def parse_reports(body: Any) -> list[jobs.Report]:
