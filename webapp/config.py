@@ -22,12 +22,15 @@ PRIORITY_AGING = 30.0  # one priority step is worth this many seconds of waiting
 MODEL_LIVE_WINDOW = 90.0  # a worker advertises its models this long after it was last seen
 HEARTBEAT_INTERVAL = 15.0  # SSE comment on a silent stream (nginx drops silent sockets at 60 s)
 
-# Wake-ups: waiters watch bell files (a stat per tick) and re-check the database only
-# every WAKE_RECHECK seconds, so an idle long-poll or stream costs about one query a second.
+# Wake-ups: waiters watch bell files (one stat per file per tick in each process) and
+# re-check the database only every WAKE_RECHECK seconds. Each re-check is a statement and
+# the end of its transaction, so an idle long-poll or stream costs about 1.2 queries a
+# second with the lazy reaper. Nodes that do not share WAKE_DIR see each other's news
+# within WAKE_RECHECK.
 WAKE_DIR = None  # default: <instance>/bells; point several nodes at one shared folder
-WAKE_TICK = 0.005
-WAKE_RECHECK = 1.0
-REAP_INTERVAL = 5.0  # how often a process reaps expired leases lazily on the request path
+WAKE_TICK = 0.002  # one watcher thread per process does the stats, so a short tick is cheap
+WAKE_RECHECK = 2.0
+REAP_INTERVAL = 10.0  # how often a process reaps expired leases lazily on the request path
 
 # Body limits: MySQL 5.7's max_allowed_packet can be 4 MB.
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024

@@ -1,0 +1,159 @@
+"""Idle cost: database queries per second with nothing, one idle worker, or one idle stream."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from typing import Any
+
+import requests
+
+from latency import openai_client
+from stack import Site, Stack, utcnow
+from stats import Row
+
+# A held job must neither expire nor need heartbeats while it is watched.
+IDLE_ENV = {"POLLGATE_LEASE_TTL": "120", "POLLGATE_JOB_TIMEOUT": "300"}
+TARGET = 2.0  # queries per second
+
+
+def run_idle(stack: Stack, seconds: float) -> list[Row]:
+    """Measure the three idle cases, each on a freshly started gateway."""
+    site = stack.new_site("idle")
+    folder = os.path.join(site.instance, "counts")
+    figures: dict[str, dict[str, float]] = {}
+
+    start(stack, site, folder)
+    time.sleep(1.0)  # let gunicorn's workers finish booting
+    figures["nothing connected"] = measure(stack, folder, seconds)
+
+    since = utcnow()
+    base = stack.gateway_base
+    stack.start_pollclient(site, base, site.tokens[0], "pollclient-idle")
+    stack.wait_workers(site, 1, since)
+    time.sleep(1.5)  # past the first (wait 0) claim, into the long-poll
+    figures["1 idle worker"] = measure(stack, folder, seconds)
+    stack.stop_named("pollclient")
+
+    # The gateway keeps serving an abandoned long-poll until its wait ends: start afresh.
+    start(stack, site, folder)
+    with HeldStream(stack.gateway_base, site):
+        time.sleep(1.5)
+        figures["1 idle stream"] = measure(stack, folder, seconds)
+        stack.stop_gateway()  # ends the stream from the server side, so the reader returns
+
+    rows = []
+    for case, fig in figures.items():
+        print(f"  idle, {case}: {describe(fig)}")
+        value = fig.get("questions", fig["queries"])
+        unit = "q/s (Questions)" if "questions" in fig else "q/s (statements+commits+rollbacks)"
+        rows.append(Row(f"idle, {case}", f"{value:.2f} {unit}", f"<= {TARGET:g} q/s", value <= TARGET))
+    return rows
+
+
+def describe(fig: dict[str, float]) -> str:
+    """Say what one idle window cost, server counters first, then what SQLAlchemy sent."""
+    parts = []
+    if "questions" in fig:
+        parts.append(f"Questions {fig['questions']:.2f}/s (plus {fig['pings']:.2f} COM_PING/s from pool_pre_ping)")
+    sent = ", ".join(f"{fig[k]:.2f} {k}" for k in ("statements", "begins", "commits", "rollbacks")
+                     if fig[k])
+    return "; ".join(parts + [f"SQLAlchemy sent per second: {sent or 'nothing'}"])
+
+
+def start(stack: Stack, site: Site, folder: str) -> None:
+    """Start the gateway with the idle settings and the statement counter."""
+    stack.stop_gateway()  # its workers write counts into folder until they exit
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    stack.start_gateway(site, {**IDLE_ENV, "BENCH_COUNT_DIR": folder}, config="count_queries.py")
+
+
+def read_counts(folder: str) -> dict[str, int]:
+    """Sum the counts every gunicorn worker published in folder."""
+    total = {"statements": 0, "begins": 0, "commits": 0, "rollbacks": 0}
+    for name in os.listdir(folder):
+        if name.startswith("queries-") and not name.endswith(".tmp"):
+            with open(os.path.join(folder, name)) as f:
+                for key, value in zip(total, f.read().split()):
+                    total[key] += int(value)
+    return total
+
+
+def measure(stack: Stack, folder: str, seconds: float) -> dict[str, float]:
+    """Count queries over a window; on MariaDB, Questions minus the counting's own SHOWs."""
+    server = stack.mariadb is not None
+    if server:
+        before = server_counts(stack)
+        own = {k: v - before[k] for k, v in server_counts(stack).items()}  # what one sample adds
+        s0 = server_counts(stack)
+    c0 = read_counts(folder)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    c1 = read_counts(folder)
+    elapsed = time.monotonic() - t0
+    rate = {k: (c1[k] - c0[k]) / elapsed for k in c0}
+    # What MariaDB's Questions counts: statements plus COMMIT/ROLLBACK, never a BEGIN.
+    result = {"queries": rate["statements"] + rate["commits"] + rate["rollbacks"], **rate}
+    if server:
+        s1 = server_counts(stack)
+        result = {"questions": (s1["Questions"] - s0["Questions"] - own["Questions"]) / elapsed,
+                  "pings": (s1["Com_admin_commands"] - s0["Com_admin_commands"]) / elapsed, **result}
+    return result
+
+
+def server_counts(stack: Stack) -> dict[str, int]:
+    """Read MariaDB's Questions and Com_admin_commands (COM_PING lands in the latter)."""
+    return stack.status("Questions", "Com_admin_commands")
+
+
+class HeldStream:
+    """One open stream whose job a bench worker claimed, answered once, then left silent."""
+
+    def __init__(self, base: str, site: Site) -> None:
+        self.base = base
+        self.site = site
+        self.first = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.error: list[BaseException] = []
+
+    def __enter__(self) -> "HeldStream":
+        worker = requests.Session()
+        worker.headers["Authorization"] = f"Bearer {self.site.worker_tokens(2)[1]}"
+        claim: dict[str, Any] = {"models": ["bench-hold"], "max_jobs": 1, "wait": 0, "kind": "bench", "version": "1"}
+        url = f"{self.base}/worker/v1"
+        worker.post(f"{url}/claim", json=claim, timeout=30).raise_for_status()  # advertise the model
+        self.reader.start()
+        job = None
+        end = time.monotonic() + 20
+        while job is None and time.monotonic() < end:
+            answer = worker.post(f"{url}/claim", json={**claim, "wait": 5}, timeout=30)
+            job = (answer.json()["jobs"] or [None])[0]
+        if job is None:
+            raise RuntimeError("the held job was never claimable")
+        # One chunk takes the request from waiting-for-start into the stream's tail loop,
+        # its steady state; after that the worker stays silent (no heartbeats needed).
+        entry = {"id": job["id"], "lease": job["lease"], "chunks": [{"seq": 0, "delta": {"content": "x"}}]}
+        worker.post(f"{url}/chunks", json={"jobs": [entry]}, timeout=30).raise_for_status()
+        worker.close()
+        if not self.first.wait(20):
+            raise RuntimeError(f"the held stream never started: {self.error}")
+        return self
+
+    def _read(self) -> None:
+        client = openai_client(self.base, self.site.key)
+        try:
+            stream = client.chat.completions.create(
+                model="bench-hold", messages=[{"role": "user", "content": "hold"}], stream=True
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    self.first.set()
+        except Exception as err:  # the gateway stopping ends the stream with an error
+            self.error.append(err)
+        finally:
+            client.close()
+
+    def __exit__(self, *exc) -> None:
+        self.reader.join(timeout=10)

@@ -1,0 +1,129 @@
+"""Benchmark the gateway end to end and print the figures.
+
+    python bench/run.py                       # everything on a throwaway MariaDB
+    python bench/run.py --db sqlite --only ttft,idle
+
+Each phase gets a fresh database and its own gunicorn (2 workers x 64 threads, gthread);
+everything started is stopped at the end, on errors and on Ctrl-C too.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import sys
+import time
+
+from stack import Stack
+from stats import Row, table
+
+PHASES = ("ttft", "relay", "idle", "throughput", "claims")
+EXTRA = ("restart",)  # opt-in regression check: a restarted worker's old long-poll must not take a job
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Read the options."""
+    p = argparse.ArgumentParser(description="Pollgate benchmarks (figures, not tests).")
+    p.add_argument("--db", choices=("mariadb", "sqlite"), default="mariadb")
+    p.add_argument("--only", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES + EXTRA)} (default: all but {','.join(EXTRA)})")
+    p.add_argument("--ttft-requests", type=int, default=200)
+    p.add_argument("--warmup-requests", type=int, default=5)
+    p.add_argument("--relay-chunks", type=int, default=300)
+    p.add_argument("--relay-rate", type=float, default=50.0, help="chunks per second")
+    p.add_argument("--idle-seconds", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=20, help="pollclient processes for throughput")
+    p.add_argument("--slots", type=int, default=4, help="--max-concurrent of each pollclient")
+    p.add_argument("--clients", type=int, default=80, help="client threads for throughput")
+    p.add_argument("--client-procs", type=int, default=4, help="processes the client threads spread over")
+    p.add_argument("--seconds", type=float, default=20.0, help="throughput window")
+    p.add_argument("--warmup-seconds", type=float, default=3.0)
+    p.add_argument("--claim-jobs", type=int, default=1000)
+    p.add_argument("--claimers", type=int, default=50)
+    p.add_argument("--claim-paths", default="", help="cas,skip_locked (default: both on MariaDB, cas on SQLite)")
+    p.add_argument("--gunicorn-workers", type=int, default=2, help="gunicorn -w")
+    p.add_argument("--gunicorn-threads", type=int, default=64, help="gunicorn --threads (and the DB pool size)")
+    p.add_argument("--keep", action="store_true", help="keep the logs and data folder")
+    args = p.parse_args(argv)
+    args.only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = args.only - set(PHASES + EXTRA)
+    if unknown:
+        p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    paths = args.claim_paths or ("cas,skip_locked" if args.db == "mariadb" else "cas")
+    args.claim_paths = [x.strip() for x in paths.split(",") if x.strip()]
+    return args
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM and SIGHUP take the same way out as Ctrl-C: through the finally below.
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, stack: Stack) -> list[Row]:
+    """Run the chosen phases in order and collect their rows."""
+    from idle import run_idle
+    from latency import run_latency, run_restart
+    from load import run_claims, run_throughput
+
+    phases = [
+        ("idle", {"idle"}, lambda: run_idle(stack, args.idle_seconds)),
+        ("latency", {"ttft", "relay"}, lambda: run_latency(
+            stack, args.only, args.ttft_requests, args.warmup_requests, args.relay_chunks, args.relay_rate)),
+        ("throughput", {"throughput"}, lambda: run_throughput(
+            stack, args.workers, args.slots, args.clients, args.seconds, args.warmup_seconds, args.client_procs)),
+        ("claims", {"claims"}, lambda: run_claims(stack, args.claim_paths, args.claim_jobs, args.claimers)),
+        ("restart", {"restart"}, lambda: run_restart(stack)),
+    ]
+    rows: list[Row] = []
+    stack.start_database()
+    for name, wanted, phase in phases:
+        if args.only & wanted:
+            started = time.monotonic()
+            print(f"{name} ...", flush=True)
+            rows += phase()
+            print(f"{name} done in {time.monotonic() - started:.0f} s", flush=True)
+    return rows
+
+
+def describe(stack: Stack) -> str:
+    """Name the database, machine and time of the run in one line."""
+    db = "SQLite"
+    if stack.mariadb is not None:
+        with stack.mariadb.root() as conn, conn.cursor() as cur:
+            cur.execute("SELECT VERSION()")
+            db = "MariaDB " + cur.fetchone()[0]
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Pollgate bench: {db}, Python {platform.python_version()}, {os.cpu_count()} cores, {now}"
+
+
+def main() -> int:
+    """Run the benchmarks and print the table; always stop what was started."""
+    args = parse_args()
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C and kill -INT must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    stack = Stack(args.db, keep=args.keep, processes=args.gunicorn_workers, threads=args.gunicorn_threads)
+    started = time.monotonic()
+    try:
+        rows = run(args, stack)
+        title = describe(stack) + f", {time.monotonic() - started:.0f} s"
+        print()
+        print(table(rows, title))
+        return 0  # figures, not a test: a missed target shows in the table, not the status
+    except KeyboardInterrupt:
+        print("interrupted; stopping everything", file=sys.stderr)
+        return 130
+    except Exception:
+        stack.keep = True  # the logs explain the failure
+        raise
+    finally:
+        if stack.keep:
+            print(f"logs and data kept in {stack.dir}", file=sys.stderr)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
