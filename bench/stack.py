@@ -49,8 +49,10 @@ class Site:
 
     def env(self) -> dict[str, str]:
         """Return the environment every process of this site shares (DB and bell folder)."""
+        # No default tier: the bench measures the gateway, not the free tier's 10 requests a
+        # minute (the rate-limit check itself still runs on every request).
         return {**os.environ, "DATABASE_URL": self.url, "POLLGATE_INSTANCE_PATH": self.instance,
-                "SECRET_KEY": "bench-secret-key"}
+                "SECRET_KEY": "bench-secret-key", "POLLGATE_DEFAULT_TIER": "null"}
 
     def flask_app(self):
         """Return an in-process app on the same database, for bulk setup and checks."""

@@ -33,6 +33,9 @@ TEST_CONFIG = {
     "CLAIM_WAIT_MAX": 5.0,
     "HEARTBEAT_INTERVAL": 2.0,
     "DB_POOL_SIZE": 20,
+    # No tier by default, so tests that send many requests are not rate limited; the
+    # limit tests give their users tiers.
+    "DEFAULT_TIER": None,
 }
 
 

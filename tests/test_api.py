@@ -12,7 +12,7 @@ import requests
 from conftest import read_until_error
 from protocol import ProtoWorker, WorkerThread
 from webapp import jobs, tokens
-from webapp.models import Job
+from webapp.models import Job, Usage
 
 PROMPT = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
 
@@ -25,6 +25,11 @@ def client(live, key, **kw) -> openai.OpenAI:
 def only_job(app) -> Job:
     with app.app_context(), jobs.db.read() as s:
         return s.query(Job).one()
+
+
+def only_usage(app) -> Usage:
+    with app.app_context(), jobs.db.read() as s:
+        return s.query(Usage).one()
 
 
 def test_models_lists_what_live_workers_advertise(app, account, live):
@@ -48,8 +53,9 @@ def test_completion_returns_the_answer_with_exact_usage(app, account, live):
     assert reply.usage.prompt_tokens == tokens.count_prompt(PROMPT)
     assert reply.usage.completion_tokens == tokens.count_text(PROMPT[0]["content"])
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    job = only_job(app)
-    assert (job.state, job.usage_source, job.completion_tokens) == ("completed", "tiktoken", 9)
+    row = only_usage(app)
+    assert (row.status, row.usage_source, row.settled) == ("completed", "tiktoken", True)
+    assert (row.prompt_tokens, row.completion_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
 
 def test_stream_speaks_openais_event_format(app, account, live):
@@ -89,7 +95,8 @@ def test_worker_usage_is_preferred_over_counting(app, account, live):
     with WorkerThread(live.url, account.token, handler):
         reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (40, 2)
-    assert only_job(app).usage_source == "worker"
+    row = only_usage(app)
+    assert (row.usage_source, row.prompt_tokens, row.completion_tokens) == ("worker", 40, 2)
 
 
 def test_request_reaches_the_worker_validated(app, account, live):

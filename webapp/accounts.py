@@ -101,6 +101,8 @@ def authenticate_api_key(header: Optional[str]) -> ApiKey:
         # Never echo the key back: it may be a real secret pasted in the wrong place.
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     now = utcnow()
+    if key.expires_at is not None and key.expires_at <= now:
+        raise ApiError(401, f"This API key expired on {key.expires_at:%Y-%m-%d %H:%M} UTC.", code="expired_api_key")
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_GRANULARITY:
         with db.begin() as s:
             s.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))

@@ -5,10 +5,10 @@ import datetime as dt
 import json
 from typing import Any, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
-from sqlalchemy import select, update
+from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
+from sqlalchemy import select
 
-from . import jobs, relay, tokens
+from . import jobs, limits, relay, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
@@ -93,9 +93,19 @@ def chat_completions():
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage = validate_chat(json_body())
     model = worker_request["model"]
+    if key.allowed_models is not None and model not in key.allowed_models:
+        raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed", param="model")
     if model not in live_models(key.user_id):
         raise not_found(model)
-    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, key.user.priority)
+    prompt_tokens = tokens.count_prompt(worker_request["messages"])
+    states: list[limits.WindowState] = []
+
+    def admit(s, job, now):
+        states.extend(limits.admit(s, key, job, prompt_tokens, now))
+
+    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, limits.priority_of(key.user), admit=admit)
+    rate_headers = limits.headers(states)
+    after_this_request(lambda response: add_headers(response, rate_headers))
     cfg = current_app.config
     # Wait for the first output before answering, so a worker that fails at once gives the
     # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
@@ -104,8 +114,10 @@ def chat_completions():
     except BaseException:
         # The caller will never read this job's answer: do not let a worker produce it.
         jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
+        usage.settle(job.id)
         raise
     if job.state in jobs.TERMINAL and job.state != "completed" and job.next_seq == 0:
+        usage.settle(job.id)
         raise relay.job_error(job)
     if stream:
         return Response(
@@ -113,7 +125,16 @@ def chat_completions():
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
         )
-    return jsonify(collect(job))
+    try:
+        return jsonify(collect(job))
+    finally:
+        usage.settle(job.id)
+
+
+def add_headers(response: Response, headers: dict[str, str]) -> Response:
+    """Copy headers onto a response (error responses included)."""
+    response.headers.update(headers)
+    return response
 
 
 def chunk_event(job: Job, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -164,6 +185,8 @@ def sse_stream(job: Job, include_usage: bool) -> Iterator[str]:
         if not finished:
             # GeneratorExit: the client disconnected; tell the worker to stop.
             jobs.cancel_job(job.id, "client_gone", "The client disconnected.")
+        # Accounted even when abandoned: what the worker produced so far is counted.
+        usage.settle(job.id)
 
 
 def collect(job: Job) -> dict[str, Any]:
@@ -215,17 +238,32 @@ def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def usage_for(job: Job, deltas: list[dict[str, Any]]) -> dict[str, int]:
-    """Return the job's usage: the worker's own counts, or tiktoken's, recorded on the job."""
-    if job.usage_source == "worker" and job.prompt_tokens is not None and job.completion_tokens is not None:
-        prompt, completion = job.prompt_tokens, job.completion_tokens
-    else:
-        prompt = tokens.count_prompt(job.request["messages"])
-        completion = tokens.count_completion(deltas)
-        with db.begin() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.usage_source.is_(None))
-                .values(prompt_tokens=prompt, completion_tokens=completion, usage_source="tiktoken")
-            )
+    """Return the usage a client sees: the same counts its usage row is settled with."""
+    prompt, completion, _ = usage.job_tokens(job, deltas)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+
+@bp.get("/usage")
+def get_usage():
+    """Summarise the key owner's settled usage per day and model (?start=&end=, ISO dates)."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    today = utcnow().date()
+    start = parse_day("start", today - dt.timedelta(days=29))
+    end = parse_day("end", today)
+    if start > end:
+        raise ApiError(400, "start must not be after end.", code="invalid_value", param="start")
+    if (end - start).days > 366:
+        raise ApiError(400, "Ask for at most 366 days at once.", code="invalid_value", param="start")
+    return jsonify({"object": "usage", "start": start.isoformat(), "end": end.isoformat(),
+                    **usage.summary(key.user_id, start, end)})
+
+
+def parse_day(name: str, default: dt.date) -> dt.date:
+    """Read an ISO date from the query string, or a 400 naming it."""
+    value = request.args.get(name)
+    if not value:
+        return default
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a date like 2026-11-24.", code="invalid_value", param=name)

@@ -6,6 +6,7 @@ from flask.cli import with_appcontext
 from flask import Flask
 
 from . import accounts, jobs, migrate
+from .usage import settle_pending
 
 
 def _user_id(email: str) -> int:
@@ -66,8 +67,9 @@ def create_worker_token(email: str, name: str, shared: bool) -> None:
 @click.command("reap")
 @with_appcontext
 def reap() -> None:
-    """Re-queue or fail jobs whose worker vanished and expire jobs past their deadline."""
+    """Re-queue or fail lost jobs, expire late ones, and account requests that ended."""
     counts = jobs.reap_expired()
+    counts["settled"] = settle_pending()
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

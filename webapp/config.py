@@ -12,6 +12,9 @@ DB_POOL_RECYCLE = 280  # seconds; below MySQL's usual wait_timeout of 300 on sha
 # Claim path: "auto" detects SKIP LOCKED (MySQL 8.0.1+, MariaDB 10.6+), else compare-and-swap.
 CLAIM_PATH = "auto"
 
+# The tier of users who have none set (tiers are rows the admin edits).
+DEFAULT_TIER = "free"
+
 # Queue timings, in seconds.
 CLAIM_WAIT_MAX = 25.0  # longest a worker's long-poll is held (nginx fronts drop at 60 s)
 LEASE_TTL = 15.0  # a claimed job is lost if its worker stays silent this long (it heartbeats at a third)

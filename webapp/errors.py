@@ -37,8 +37,10 @@ class ApiError(Exception):
         code: Optional[str] = None,
         param: Optional[str] = None,
         retry_after: Optional[float] = None,
+        headers: Optional[dict[str, str]] = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.code = code
@@ -66,6 +68,7 @@ def error_response(err: ApiError) -> Response:
     """Render an ApiError as a JSON response with its status and Retry-After."""
     resp = jsonify(err.body())
     resp.status_code = err.status
+    resp.headers.update(err.headers)
     if err.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, int(round(err.retry_after))))
     return resp

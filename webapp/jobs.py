@@ -11,12 +11,14 @@ import random
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from flask import current_app
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from . import wake
+from .usage import settle_pending
 from .db import db
 from .models import Chunk, Job, Worker, utcnow
 
@@ -36,8 +38,13 @@ def submit_job(
     stream: bool,
     priority: int = 0,
     kind: str = "chat",
+    admit: Optional[Callable[[Session, Job, dt.datetime], Any]] = None,
 ) -> Job:
-    """Queue a job and wake the workers."""
+    """Queue a job and wake the workers.
+
+    `admit` runs first in the same transaction: it may raise to refuse the job (rate
+    limits) and may add rows that must exist exactly when the job does (its usage row).
+    """
     now = utcnow()
     aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
     job = Job(
@@ -55,6 +62,8 @@ def submit_job(
         deadline_at=now + _seconds("JOB_TIMEOUT"),
     )
     with db.begin() as s:
+        if admit is not None:
+            admit(s, job, now)
         s.add(job)
     wake.ring("jobs")
     return job
@@ -373,3 +382,4 @@ def reap_if_due() -> None:
     if now - _last_reap["at"] >= current_app.config["REAP_INTERVAL"]:
         _last_reap["at"] = now
         reap_expired()
+        settle_pending()

@@ -9,6 +9,7 @@ from flask_login import UserMixin
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -35,6 +36,36 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+# The sliding windows every limit is counted over, in seconds.
+WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+class LimitColumns:
+    """Request and token caps per sliding window; None means no cap."""
+
+    requests_per_minute: Mapped[Optional[int]] = mapped_column(Integer)
+    requests_per_hour: Mapped[Optional[int]] = mapped_column(Integer)
+    requests_per_day: Mapped[Optional[int]] = mapped_column(Integer)
+    tokens_per_minute: Mapped[Optional[int]] = mapped_column(Integer)
+    tokens_per_hour: Mapped[Optional[int]] = mapped_column(Integer)
+    tokens_per_day: Mapped[Optional[int]] = mapped_column(Integer)
+
+    def limit(self, what: str, window: str) -> Optional[int]:
+        """Return the cap on requests or tokens for one window."""
+        return getattr(self, f"{what}_per_{window}")
+
+
+class Tier(LimitColumns, Base):
+    """A named set of limits and a queue priority that users are put in."""
+
+    __tablename__ = "tiers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    max_concurrent: Mapped[Optional[int]] = mapped_column(Integer)
+
+
 class User(UserMixin, Base):
     """A person who owns API keys and workers."""
 
@@ -45,11 +76,16 @@ class User(UserMixin, Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # None: the tier named DEFAULT_TIER, so new users need no tier picked.
+    tier_id: Mapped[Optional[int]] = mapped_column(ForeignKey("tiers.id", ondelete="SET NULL"))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
 
 
-class ApiKey(Base):
-    """A secret an API client sends as its bearer token; only its hash is kept."""
+class ApiKey(LimitColumns, Base):
+    """A secret an API client sends as its bearer token; only its hash is kept.
+
+    Its limit columns, when set, cap this key on top of its user's tier.
+    """
 
     __tablename__ = "api_keys"
 
@@ -61,8 +97,16 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     last_used_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
+    # A JSON list of the model ids this key may use; None allows every model.
+    allowed_models_json: Mapped[Optional[str]] = mapped_column(Text)
 
     user: Mapped[User] = relationship(lazy="joined")
+
+    @property
+    def allowed_models(self) -> Optional[list[str]]:
+        """Return the models this key may use, or None for all."""
+        return json.loads(self.allowed_models_json) if self.allowed_models_json else None
 
 
 class Worker(Base):
@@ -161,3 +205,74 @@ class Chunk(Base):
     def delta(self) -> dict[str, Any]:
         """Return the delta as the client will see it."""
         return json.loads(self.delta_json)
+
+
+class Usage(Base):
+    """One row per admitted API request: who, which model and worker, tokens, cost, timings.
+
+    It carries no content, so it outlives the job's prompt and answer.
+    """
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        # Rate limits and the dashboard count a user's or a key's rows in a time range.
+        Index("ix_usage_user_time", "user_id", "created_at"),
+        Index("ix_usage_key_time", "api_key_id", "created_at"),
+        # Settlement finds rows whose job ended but were not accounted yet.
+        Index("ix_usage_settled", "settled", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), unique=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    api_key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    worker_id: Mapped[Optional[int]] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"))
+    model: Mapped[str] = mapped_column(String(191))
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error_code: Mapped[Optional[str]] = mapped_column(String(64))
+    # Counted at admission from the prompt, replaced by the final figures at settlement,
+    # so token limits see a request's prompt while it runs.
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    usage_source: Mapped[Optional[str]] = mapped_column(String(16))
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0)  # 1e-9 dollars: exact sums
+    latency_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    ttft_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    settled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
+
+    job: Mapped[Optional[Job]] = relationship()
+
+
+class UsageDaily(Base):
+    """Usage summed per day, user, key and model, kept up to date as requests settle."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (UniqueConstraint("day", "user_id", "api_key_id", "model"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # 0, not NULL, for requests whose key is gone: NULLs never collide in a unique key.
+    api_key_id: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[str] = mapped_column(String(191))
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)  # sum, for averages
+
+
+class ModelPrice(Base):
+    """What a model costs, in micro-dollars per million tokens."""
+
+    __tablename__ = "model_prices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(191), unique=True)
+    prompt_micros_per_m: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_micros_per_m: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,235 @@
+"""Rate limits, key rules and usage accounting, on SQLite and MariaDB."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import openai
+import pytest
+import requests
+from sqlalchemy import func, select, update
+
+from conftest import make_account
+from protocol import WorkerThread
+from webapp import tokens, usage
+from webapp.db import db
+from webapp.models import ApiKey, Job, ModelPrice, Tier, Usage, UsageDaily, User
+
+PROMPT = [{"role": "user", "content": "count these five words"}]
+
+
+def give_tier(app, user_id: int, **caps) -> None:
+    """Put a user in a new tier with these caps."""
+    with app.app_context(), db.begin() as s:
+        tier = Tier(name=f"tier-{user_id}-{time.monotonic_ns()}", **caps)
+        s.add(tier)
+        s.flush()
+        s.execute(update(User).where(User.id == user_id).values(tier_id=tier.id))
+
+
+def set_key(app, **values) -> None:
+    with app.app_context(), db.begin() as s:
+        s.execute(update(ApiKey).values(**values))
+
+
+def rows(app, model=Usage):
+    with app.app_context(), db.read() as s:
+        return list(s.scalars(select(model)))
+
+
+def post(live, key, **body):
+    return requests.post(f"{live.url}/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "echo", "messages": PROMPT, **body})
+
+
+def test_concurrent_requests_against_a_limit_admit_exactly_that_many(app, account, live):
+    give_tier(app, account.user_id, requests_per_minute=5)
+    statuses = []
+    start = threading.Barrier(20)
+
+    def one():
+        start.wait()
+        statuses.append(post(live, account.key))
+
+    with WorkerThread(live.url, account.token):
+        threads = [threading.Thread(target=one) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    codes = sorted(r.status_code for r in statuses)
+    assert codes == [200] * 5 + [429] * 15
+    refused = next(r for r in statuses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(rows(app)) == 5
+
+
+def test_responses_carry_rate_limit_headers(app, account, live):
+    give_tier(app, account.user_id, requests_per_minute=10, requests_per_day=100, tokens_per_minute=10_000)
+    with WorkerThread(live.url, account.token):
+        first = post(live, account.key)
+        second = post(live, account.key, stream=True)
+    assert first.headers["x-ratelimit-limit-requests"] == "10"
+    assert first.headers["x-ratelimit-remaining-requests"] == "9"
+    assert second.headers["x-ratelimit-remaining-requests"] == "8"
+    assert first.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_key_limits_apply_on_top_of_the_tier(app, account, live):
+    set_key(app, requests_per_minute=2)
+    with WorkerThread(live.url, account.token):
+        codes = [post(live, account.key).status_code for _ in range(3)]
+        refused = post(live, account.key)
+    assert codes == [200, 200, 429]
+    assert "API key may use 2 requests per minute" in refused.json()["error"]["message"]
+
+
+def test_token_limit_refuses_once_reached(app, account, live):
+    budget = tokens.count_prompt(PROMPT) + 3
+    give_tier(app, account.user_id, tokens_per_minute=budget)
+    with WorkerThread(live.url, account.token):
+        assert post(live, account.key).status_code == 200
+        refused = post(live, account.key)
+    assert refused.status_code == 429
+    assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+def test_concurrent_job_cap(app, account, live):
+    give_tier(app, account.user_id, max_concurrent=1)
+    release = threading.Event()
+
+    def slow(worker, job):
+        worker.report(job, [{"content": "wait"}])
+        release.wait(10)
+        worker.report(job, finish={"reason": "stop"})
+
+    with WorkerThread(live.url, account.token, slow):
+        first = requests.post(f"{live.url}/v1/chat/completions", stream=True, timeout=30,
+                              headers={"Authorization": f"Bearer {account.key}"},
+                              json={"model": "echo", "messages": PROMPT, "stream": True})
+        second = post(live, account.key)
+        release.set()
+        first.close()
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
+
+
+def test_expired_key_and_model_allow_list(app, account, live):
+    with WorkerThread(live.url, account.token, models=("echo", "other")):
+        set_key(app, allowed_models_json='["other"]')
+        refused = post(live, account.key)
+        assert refused.status_code == 403 and refused.json()["error"]["param"] == "model"
+        assert post(live, account.key, model="other").status_code == 200
+        set_key(app, expires_at=dt.datetime(2020, 1, 1))
+        expired = post(live, account.key, model="other")
+    assert expired.status_code == 401 and expired.json()["error"]["code"] == "expired_api_key"
+
+
+def test_each_request_has_one_settled_usage_row_and_rollup(app, account, live):
+    with app.app_context(), db.begin() as s:
+        s.add(ModelPrice(model="echo", prompt_micros_per_m=2_000_000, completion_micros_per_m=8_000_000))
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+    with WorkerThread(live.url, account.token):
+        replies = [client.chat.completions.create(model="echo", messages=PROMPT) for _ in range(3)]
+        list(client.chat.completions.create(model="echo", messages=PROMPT, stream=True))
+    found = rows(app)
+    assert len(found) == 4 and all(r.settled and r.status == "completed" for r in found)
+    assert [r.completion_tokens for r in found[:3]] == [r.usage.completion_tokens for r in replies]
+    prompt, completion = found[0].prompt_tokens, found[0].completion_tokens
+    assert found[0].cost_nanos == (prompt * 2_000_000 + completion * 8_000_000) // 1000
+    assert all(r.latency_ms is not None and r.ttft_ms is not None and r.worker_id for r in found)
+    daily = rows(app, UsageDaily)
+    assert len(daily) == 1
+    assert daily[0].requests == 4 and daily[0].errors == 0
+    assert daily[0].prompt_tokens == sum(r.prompt_tokens for r in found)
+    assert daily[0].completion_tokens == sum(r.completion_tokens for r in found)
+    assert daily[0].cost_nanos == sum(r.cost_nanos for r in found)
+    summary = requests.get(f"{live.url}/v1/usage", timeout=10, headers={"Authorization": f"Bearer {account.key}"}).json()
+    assert summary["totals"]["requests"] == 4
+    assert summary["by_model"]["echo"]["completion_tokens"] == daily[0].completion_tokens
+
+
+def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live):
+    stopped = threading.Event()
+
+    def talky(worker, job):
+        for i in range(200):
+            if worker.report(job, [{"content": "word "}])["stop"]:
+                stopped.set()
+                return
+            time.sleep(0.02)
+
+    with WorkerThread(live.url, account.token, talky):
+        with requests.post(f"{live.url}/v1/chat/completions", stream=True, timeout=30,
+                           headers={"Authorization": f"Bearer {account.key}"},
+                           json={"model": "echo", "messages": PROMPT, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+        assert stopped.wait(10)
+    time.sleep(0.3)
+    with app.app_context():
+        usage.settle_pending()
+        with db.read() as s:
+            row = s.scalars(select(Usage)).one()
+            produced = s.scalar(select(Job.next_seq))
+    assert row.settled and row.status == "cancelled" and row.error_code == "client_gone"
+    assert row.completion_tokens == tokens.count_completion([{"content": "word "}] * produced) > 0
+
+
+def test_settling_twice_counts_once(app, account, live):
+    with WorkerThread(live.url, account.token):
+        assert post(live, account.key).status_code == 200
+    with app.app_context():
+        job_id = rows(app)[0].job_id
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(_settle(app, job_id))) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [False] * 6  # the request already settled it
+    assert rows(app, UsageDaily)[0].requests == 1
+
+
+def _settle(app, job_id):
+    with app.app_context():
+        return usage.settle(job_id)
+
+
+def test_refused_request_leaves_no_job_or_usage(app, account, live):
+    give_tier(app, account.user_id, requests_per_minute=1)
+    with WorkerThread(live.url, account.token):
+        post(live, account.key)
+        assert post(live, account.key).status_code == 429
+    with app.app_context(), db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+        assert s.scalar(select(func.count()).select_from(Usage)) == 1
+
+
+def test_usage_endpoint_validates_dates(app, account, live):
+    get = lambda q: requests.get(f"{live.url}/v1/usage?{q}", timeout=10,  # noqa: E731
+                                 headers={"Authorization": f"Bearer {account.key}"})
+    assert get("start=yesterday").json()["error"]["param"] == "start"
+    assert get("start=2026-02-01&end=2026-01-01").status_code == 400
+    assert get("start=2020-01-01&end=2026-01-01").status_code == 400
+    assert get("").status_code == 200
+
+
+def test_users_see_only_their_own_usage(app, account, live):
+    other = make_account(app, "bob@example.com")
+    with WorkerThread(live.url, account.token):
+        post(live, account.key)
+    theirs = requests.get(f"{live.url}/v1/usage", timeout=10, headers={"Authorization": f"Bearer {other.key}"}).json()
+    assert theirs["totals"]["requests"] == 0
+
+
+@pytest.mark.parametrize("seconds, text", [(0.2, "1s"), (59, "59s"), (360, "6m0s"), (3723, "1h2m3s")])
+def test_reset_durations_read_like_openais(seconds, text):
+    from webapp.limits import format_reset
+
+    assert format_reset(seconds) == text

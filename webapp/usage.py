@@ -1,0 +1,121 @@
+"""Usage accounting: settle each request's usage row once its job ends, and roll it up daily."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable, Optional
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.orm import Session
+
+from . import tokens
+from .db import db
+from .models import Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
+
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos", "latency_ms")
+
+
+def job_tokens(job: Job, deltas: Iterable[dict[str, Any]]) -> tuple[int, int, str]:
+    """Return (prompt, completion, source): the worker's own counts, else tiktoken's."""
+    if job.usage_source == "worker" and job.prompt_tokens is not None and job.completion_tokens is not None:
+        return job.prompt_tokens, job.completion_tokens, "worker"
+    return tokens.count_prompt(job.request["messages"]), tokens.count_completion(deltas), "tiktoken"
+
+
+def cost_nanos(price: Optional[ModelPrice], prompt: int, completion: int) -> int:
+    """Price a request in 1e-9 dollars (prices are micro-dollars per million tokens)."""
+    if price is None:
+        return 0
+    return (prompt * price.prompt_micros_per_m + completion * price.completion_micros_per_m) // 1000
+
+
+def _ms(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> Optional[int]:
+    return int((end - start).total_seconds() * 1000) if start and end else None
+
+
+def settle(job_id: int) -> bool:
+    """Account a finished job once: final tokens, cost and timings, and the daily roll-up."""
+    with db.begin() as s:
+        # The row lock (and `settled`) make a second settler, in any process, a no-op.
+        usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
+        job = s.get(Job, job_id)
+        if usage is None or usage.settled or job is None or job.state not in TERMINAL:
+            return False
+        deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
+        prompt, completion, source = job_tokens(job, deltas)
+        price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
+        usage.status = job.state
+        usage.error_code = job.error_code
+        usage.worker_id = job.worker_id
+        usage.prompt_tokens, usage.completion_tokens, usage.usage_source = prompt, completion, source
+        usage.cost_nanos = cost_nanos(price, prompt, completion)
+        usage.finished_at = job.finished_at or utcnow()
+        usage.latency_ms = _ms(job.created_at, usage.finished_at)
+        usage.ttft_ms = _ms(job.created_at, job.first_chunk_at)
+        usage.settled = True
+        _add_to_daily(s, usage)
+    return True
+
+
+def settle_pending(limit: int = 200) -> int:
+    """Settle usage rows whose job ended but whose request never did (cron, lazily)."""
+    with db.read() as s:
+        ids = s.scalars(
+            select(Usage.job_id)
+            .join(Job, Job.id == Usage.job_id)
+            .where(Usage.settled.is_(False), Job.state.in_(TERMINAL))
+            .limit(limit)
+        ).all()
+    return sum(settle(job_id) for job_id in ids)
+
+
+def _add_to_daily(s: Session, usage: Usage) -> None:
+    """Add one settled request to its day's roll-up row, creating the row if needed."""
+    table = UsageDaily.__table__
+    row = {
+        "day": usage.created_at.date(),
+        "user_id": usage.user_id,
+        "api_key_id": usage.api_key_id or 0,
+        "model": usage.model,
+        "requests": 1,
+        "errors": int(usage.status != "completed"),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost_nanos": usage.cost_nanos,
+        "latency_ms": usage.latency_ms or 0,
+    }
+    if s.get_bind().dialect.name == "mysql":
+        stmt = mysql.insert(table).values(**row)
+        stmt = stmt.on_duplicate_key_update({c: table.c[c] + stmt.inserted[c] for c in COUNTERS})
+    else:
+        stmt = sqlite.insert(table).values(**row)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["day", "user_id", "api_key_id", "model"],
+            set_={c: table.c[c] + stmt.excluded[c] for c in COUNTERS},
+        )
+    s.execute(stmt)
+
+
+def summary(user_id: int, start: dt.date, end: dt.date) -> dict[str, Any]:
+    """Sum a user's settled usage per day and per model over [start, end]."""
+    with db.read() as s:
+        rows = s.execute(
+            select(
+                UsageDaily.day, UsageDaily.model,
+                *(func.sum(getattr(UsageDaily, c)) for c in COUNTERS),
+            )
+            .where(UsageDaily.user_id == user_id, UsageDaily.day >= start, UsageDaily.day <= end)
+            .group_by(UsageDaily.day, UsageDaily.model)
+            .order_by(UsageDaily.day, UsageDaily.model)
+        ).all()
+    totals = dict.fromkeys(COUNTERS, 0)
+    by_model: dict[str, dict[str, int]] = {}
+    daily: dict[str, dict[str, int]] = {}
+    for day, model, *values in rows:
+        figures = dict(zip(COUNTERS, (int(v or 0) for v in values)))
+        for bucket in (totals, by_model.setdefault(model, dict.fromkeys(COUNTERS, 0)),
+                       daily.setdefault(day.isoformat(), dict.fromkeys(COUNTERS, 0))):
+            for name, value in figures.items():
+                bucket[name] += value
+    return {"totals": totals, "by_model": by_model, "daily": daily}
