@@ -233,3 +233,33 @@ def test_reset_durations_read_like_openais(seconds, text):
     from webapp.limits import format_reset
 
     assert format_reset(seconds) == text
+
+
+def test_tier_priority_orders_the_queue(app, live):
+    low = make_account(app, "low@example.com")
+    high = make_account(app, "high@example.com")
+    ops = make_account(app, "ops@example.com", shared=True)
+    give_tier(app, high.user_id, priority=10)
+    from protocol import ProtoWorker
+
+    worker = ProtoWorker(live.url, ops.token)
+    worker.claim()  # advertise echo so both requests are accepted
+    answers = {}
+
+    def ask(account):
+        answers[account.email] = post(live, account.key)
+
+    first = threading.Thread(target=ask, args=(low,))
+    first.start()
+    time.sleep(0.3)
+    second = threading.Thread(target=ask, args=(high,))
+    second.start()
+    time.sleep(0.3)
+    claimed = worker.claim(max_jobs=2)
+    for job in claimed:
+        worker.say(job, "ok", finish={"reason": "stop"})
+    first.join(timeout=30)
+    second.join(timeout=30)
+    with app.app_context(), db.read() as s:
+        owners = {j.public_id: j.user_id for j in s.scalars(select(Job))}
+    assert [owners[j["id"]] for j in claimed] == [high.user_id, low.user_id]

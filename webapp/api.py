@@ -103,7 +103,7 @@ def chat_completions():
     def admit(s, job, now):
         states.extend(limits.admit(s, key, job, prompt_tokens, now))
 
-    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, limits.priority_of(key.user), admit=admit)
+    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
     rate_headers = limits.headers(states)
     after_this_request(lambda response: add_headers(response, rate_headers))
     cfg = current_app.config
@@ -186,7 +186,7 @@ def sse_stream(job: Job, include_usage: bool) -> Iterator[str]:
             # GeneratorExit: the client disconnected; tell the worker to stop.
             jobs.cancel_job(job.id, "client_gone", "The client disconnected.")
         # Accounted even when abandoned: what the worker produced so far is counted.
-        usage.settle(job.id)
+        usage.settle(job.id, deltas if finished else None)
 
 
 def collect(job: Job) -> dict[str, Any]:

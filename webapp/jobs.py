@@ -43,10 +43,10 @@ def submit_job(
     """Queue a job and wake the workers.
 
     `admit` runs first in the same transaction: it may raise to refuse the job (rate
-    limits) and may add rows that must exist exactly when the job does (its usage row).
+    limits), may raise its priority (the user's tier), and may add rows that must exist
+    exactly when the job does (its usage row).
     """
     now = utcnow()
-    aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
     job = Job(
         public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
         kind=kind,
@@ -55,7 +55,6 @@ def submit_job(
         model=model,
         state="queued",
         priority=priority,
-        rank=int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - priority * aging_ms,
         stream=stream,
         request_json=json.dumps(request, separators=(",", ":")),
         created_at=now,
@@ -64,6 +63,8 @@ def submit_job(
     with db.begin() as s:
         if admit is not None:
             admit(s, job, now)
+        aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
+        job.rank = int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - job.priority * aging_ms
         s.add(job)
     wake.ring("jobs")
     return job

@@ -14,7 +14,6 @@ from flask import current_app
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from .db import db
 from .errors import ApiError
 from .models import WINDOWS, ApiKey, Job, LimitColumns, Tier, Usage, User
 
@@ -36,13 +35,6 @@ class WindowState:
     def remaining(self) -> int:
         """Return how much is left before the cap."""
         return max(0, self.limit - self.used)
-
-
-def priority_of(user: User) -> int:
-    """Return a user's queue priority: their tier's plus their own adjustment."""
-    with db.read() as s:
-        tier = tier_of(s, user)
-    return user.priority + (tier.priority if tier is not None else 0)
 
 
 def tier_of(s: Session, user: User) -> Optional[Tier]:
@@ -85,6 +77,8 @@ def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetim
                 code="concurrency_limit_exceeded",
                 retry_after=1,
             )
+    # Queue priority: the tier's plus the user's own adjustment.
+    job.priority = user.priority + (tier.priority if tier is not None else 0)
     s.add(Usage(
         job=job, request_id=job.public_id, user_id=user.id, api_key_id=key.id, model=job.model,
         stream=job.stream, status="queued", prompt_tokens=prompt_tokens, created_at=now,

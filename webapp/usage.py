@@ -34,15 +34,20 @@ def _ms(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> Optional[in
     return int((end - start).total_seconds() * 1000) if start and end else None
 
 
-def settle(job_id: int) -> bool:
-    """Account a finished job once: final tokens, cost and timings, and the daily roll-up."""
+def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None) -> bool:
+    """Account a finished job once: final tokens, cost and timings, and the daily roll-up.
+
+    Pass `deltas` when the caller relayed every chunk of the ended job, to skip reading
+    them back.
+    """
     with db.begin() as s:
         # The row lock (and `settled`) make a second settler, in any process, a no-op.
         usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
         job = s.get(Job, job_id)
         if usage is None or usage.settled or job is None or job.state not in TERMINAL:
             return False
-        deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
+        if deltas is None or len(deltas) != job.next_seq:
+            deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
         prompt, completion, source = job_tokens(job, deltas)
         price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
         usage.status = job.state
