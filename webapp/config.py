@@ -4,6 +4,19 @@
 DATABASE_URL = None
 SECRET_KEY = "dev"  # Replaced by the installer; create_app warns when it is still "dev".
 
+# Session cookies: never readable by scripts, not sent on cross-site requests; the
+# installer turns SESSION_COOKIE_SECURE on when the site URL is https.
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = False
+REMEMBER_COOKIE_HTTPONLY = True
+# Sign-in throttling: this many failures for one email within the window lock it out.
+SIGNIN_MAX_FAILURES = 5
+SIGNIN_THROTTLE_WINDOW = 900.0
+# The CSRF token lives as long as the session instead of one hour, so a form left
+# open over lunch still submits.
+WTF_CSRF_TIME_LIMIT = None
+
 # One request per Passenger process, and shared hosts cap max_user_connections (10-25):
 # keep a tiny pool. Threaded gunicorn nodes raise it.
 DB_POOL_SIZE = 2

@@ -88,6 +88,12 @@ def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetim
     return states
 
 
+def account_states(s: Session, user: User, now: dt.datetime) -> list[WindowState]:
+    """Return how much of each of the user's tier caps is used now."""
+    tier = tier_of(s, user)
+    return _states(s, "account", Usage.user_id == user.id, tier, now) if tier is not None else []
+
+
 def _states(s: Session, label: str, subject, caps: LimitColumns, now: dt.datetime) -> list[WindowState]:
     """Count one subject's usage in each window that has a cap, in one query."""
     capped = [(kind, window) for kind in KINDS for window in WINDOWS if caps.limit(kind, window) is not None]

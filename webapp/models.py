@@ -276,3 +276,18 @@ class ModelPrice(Base):
     model: Mapped[str] = mapped_column(String(191), unique=True)
     prompt_micros_per_m: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_micros_per_m: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Event(Base):
+    """A notable event for the admin's system log: a sign-in failure, a lost worker, a 429."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_kind_time", "kind", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # What the event is about, e.g. the email a failed sign-in tried; never a secret.
+    subject: Mapped[str] = mapped_column(String(191), default="")
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

@@ -1,0 +1,89 @@
+"""The dashboard in real headless Chromium (Debian's), driven by Playwright."""
+from __future__ import annotations
+
+import shutil
+
+import openai
+import pytest
+
+from conftest import missing
+from protocol import WorkerThread
+
+PASSWORD = "correct horse battery"  # make_account's
+# Chromium on a machine with no outside network: keep it from trying to phone home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def expect(locator):
+    """Playwright's waiting assertions (imported late: the package may be missing)."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Start Debian's Chromium once for these tests."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing("Chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, live):
+    context = chromium.new_context(base_url=live.url)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+    yield context.new_page()
+    context.close()
+
+
+def test_sign_in_create_key_use_it_see_it_counted_and_revoke_it(page, live, account):
+    page.goto("/login")
+    page.fill("input[name=email]", account.email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/dashboard")
+    assert page.locator('[data-period="Last 24 hours"] .requests').inner_text() == "0"
+
+    page.click("text=API keys")
+    page.fill("input[name=name]", "from the browser")
+    page.click("text=Create key")
+    secret = page.locator("#new-key").inner_text()
+    assert secret.startswith("pgk_")
+    page.click("button[data-copy=new-key]")
+    expect(page.locator("button[data-copy=new-key]")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=secret, max_retries=0)
+    with WorkerThread(live.url, account.token):
+        reply = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hello chart"}])
+    assert reply.choices[0].message.content == "hello chart"
+
+    page.click("text=Overview")
+    assert page.locator('[data-period="Last 24 hours"] .requests').inner_text() == "1"
+    assert page.locator("rect.bar[data-value='1']").count() == 1  # today's bar in the chart
+
+    page.click("text=API keys")
+    row = page.locator("tr", has_text="from the browser")
+    row.locator("button", has_text="Revoke").click()
+    expect(page.locator(".flash")).to_contain_text("The key is revoked")
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_page_runs_under_its_content_security_policy(page, live):
+    violations = []
+    page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+    page.goto("/login")
+    assert page.locator("h1").inner_text() == "Sign in"
+    assert violations == []
+

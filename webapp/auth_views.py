@@ -1,0 +1,90 @@
+"""Sign in, sign out and change password, with throttled sign-in attempts."""
+from __future__ import annotations
+
+import datetime as dt
+
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+from sqlalchemy import select, update
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from . import events
+from .db import db
+from .extensions import login_manager
+from .models import User
+
+bp = Blueprint("auth", __name__)
+
+
+@login_manager.user_loader
+def load_user(user_id: str):
+    """Load the signed-in user for flask-login."""
+    with db.read() as s:
+        return s.get(User, int(user_id)) if user_id.isdigit() else None
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    """Show the sign-in form, or sign the user in."""
+    if current_user.is_authenticated:
+        return redirect(url_for("dashboard.overview"))
+    if request.method == "GET":
+        return render_template("login.html")
+    email = request.form.get("email", "").strip().lower()
+    password = request.form.get("password", "")
+    window = dt.timedelta(seconds=current_app.config["SIGNIN_THROTTLE_WINDOW"])
+    if events.count_recent("signin_failed", email, window) >= current_app.config["SIGNIN_MAX_FAILURES"]:
+        minutes = int(window.total_seconds() // 60)
+        flash(f"Too many failed sign-ins for this account. Try again in {minutes} minutes.", "error")
+        return render_template("login.html", email=email), 429
+    user = _check_password(email, password)
+    if user is None:
+        # Name the email, never the password tried: it may be the user's other password.
+        events.record("signin_failed", email, f"failed sign-in from {request.remote_addr}")
+        flash("Wrong email or password.", "error")
+        return render_template("login.html", email=email), 401
+    login_user(user)
+    return redirect(_safe_next(request.args.get("next")) or url_for("dashboard.overview"))
+
+
+def _check_password(email: str, password: str):
+    with db.read() as s:
+        user = s.scalar(select(User).where(User.email == email))
+    if user is None or not check_password_hash(user.password_hash, password):
+        return None
+    return user
+
+
+def _safe_next(target: str | None) -> str | None:
+    """Follow ?next= only to a path on this site, never to another host."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return None
+
+
+@bp.post("/logout")
+def logout():
+    """Sign the user out."""
+    logout_user()
+    flash("You are signed out.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@login_required
+def change_password():
+    """Let a signed-in user change their password."""
+    if request.method == "GET":
+        return render_template("password.html")
+    current = request.form.get("current", "")
+    new = request.form.get("new", "")
+    if not check_password_hash(current_user.password_hash, current):
+        flash("Your current password is not right.", "error")
+        return render_template("password.html"), 400
+    if len(new) < 8 or new != request.form.get("confirm", ""):
+        flash("The new password needs at least 8 characters, typed the same twice.", "error")
+        return render_template("password.html"), 400
+    with db.begin() as s:
+        s.execute(update(User).where(User.id == current_user.id).values(password_hash=generate_password_hash(new)))
+    flash("Your password is changed.", "info")
+    return redirect(url_for("dashboard.overview"))

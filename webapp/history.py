@@ -1,0 +1,56 @@
+"""The user's request history: filterable list and one request's detail."""
+from __future__ import annotations
+
+from flask import Blueprint, abort, render_template, request
+from flask_login import current_user, login_required
+from sqlalchemy import select
+
+from .api import merge_deltas
+from .db import db
+from .models import ApiKey, Chunk, Job, Usage, Worker
+
+bp = Blueprint("history", __name__)
+
+PAGE = 50
+STATUSES = ("queued", "completed", "failed", "cancelled", "expired")
+
+
+@bp.get("/requests")
+@login_required
+def requests_list():
+    """List the user's requests, newest first, filtered by key, model and status."""
+    query = select(Usage).where(Usage.user_id == current_user.id)
+    key_id = request.args.get("key", type=int)
+    model = request.args.get("model", "").strip()
+    status = request.args.get("status", "")
+    before = request.args.get("before", type=int)
+    if key_id:
+        query = query.where(Usage.api_key_id == key_id)
+    if model:
+        query = query.where(Usage.model == model)
+    if status in STATUSES:
+        query = query.where(Usage.status == status)
+    if before:
+        query = query.where(Usage.id < before)  # keyset paging stays fast deep into history
+    with db.read() as s:
+        rows = list(s.scalars(query.order_by(Usage.id.desc()).limit(PAGE + 1)))
+        keys = list(s.scalars(select(ApiKey).where(ApiKey.user_id == current_user.id).order_by(ApiKey.id)))
+    more = len(rows) > PAGE
+    return render_template("requests.html", rows=rows[:PAGE], keys=keys, statuses=STATUSES,
+                           filters={"key": key_id, "model": model, "status": status},
+                           next_before=rows[PAGE - 1].id if more else None)
+
+
+@bp.get("/requests/<int:usage_id>")
+@login_required
+def request_detail(usage_id: int):
+    """Show one request: timings, tokens, worker, error, and its content while retained."""
+    with db.read() as s:
+        row = s.get(Usage, usage_id)
+        if row is None or row.user_id != current_user.id:
+            abort(404)
+        job = s.get(Job, row.job_id) if row.job_id else None
+        worker = s.get(Worker, row.worker_id) if row.worker_id else None
+        deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job.id).order_by(Chunk.seq))] if job else []
+    answer = merge_deltas(deltas) if job else None
+    return render_template("request.html", row=row, job=job, worker=worker, answer=answer)
