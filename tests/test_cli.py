@@ -39,6 +39,7 @@ def test_cli_errors_are_readable(app):
         (("create-user", "cy@example.com", "--password", "short"), "at least 8"),
         (("create-user", "not-an-email", "--password", "long enough"), "not an email"),
         (("create-key", "nobody@example.com"), "no user with email"),
+        (("create-user", "di@example.com", "--password", "long enough", "--tier", "gold"), "no tier named 'gold'"),
         (("create-worker-token", "nobody@example.com"), "no user with email"),
     ]
     for args, message in cases:
@@ -60,3 +61,11 @@ def test_revoked_key_is_refused(app):
             assert err.status == 401 and err.code == "invalid_api_key"
         else:
             raise AssertionError("a revoked key was accepted")
+
+
+def test_create_user_in_a_tier(app):
+    result = run(app, "create-user", "pro@example.com", "--password", "long enough", "--tier", "premium")
+    assert result.exit_code == 0 and "in tier premium" in result.output
+    with app.app_context(), db.read() as s:
+        tier = s.scalar(text("SELECT t.name FROM users u JOIN tiers t ON t.id = u.tier_id WHERE u.email = 'pro@example.com'"))
+    assert tier == "premium"

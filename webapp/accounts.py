@@ -12,7 +12,7 @@ from werkzeug.security import generate_password_hash
 
 from .db import db
 from .errors import ApiError
-from .models import ApiKey, User, Worker, utcnow
+from .models import ApiKey, Tier, User, Worker, utcnow
 
 API_KEY_PREFIX = "pgk_"
 WORKER_TOKEN_PREFIX = "pgw_"
@@ -30,8 +30,8 @@ def new_secret(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(32)
 
 
-def create_user(email: str, password: str, is_admin: bool = False) -> User:
-    """Create a user with a hashed password."""
+def create_user(email: str, password: str, is_admin: bool = False, tier: Optional[str] = None) -> User:
+    """Create a user with a hashed password, in the named tier or the default one."""
     email = email.strip().lower()
     if "@" not in email or len(email) > 191:
         raise ValueError(f"not an email address: {email!r}")
@@ -40,7 +40,13 @@ def create_user(email: str, password: str, is_admin: bool = False) -> User:
     with db.begin() as s:
         if s.scalar(select(User.id).where(User.email == email)) is not None:
             raise ValueError(f"a user with email {email} already exists")
-        user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin)
+        tier_id = None
+        if tier is not None:
+            tier_id = s.scalar(select(Tier.id).where(Tier.name == tier))
+            if tier_id is None:
+                names = ", ".join(s.scalars(select(Tier.name).order_by(Tier.id)))
+                raise ValueError(f"no tier named {tier!r} (tiers: {names})")
+        user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin, tier_id=tier_id)
         s.add(user)
     return user
 

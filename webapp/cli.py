@@ -32,13 +32,14 @@ def db_upgrade() -> None:
 @click.argument("email")
 @click.option("--password", required=True, help="At least 8 characters.")
 @click.option("--admin", is_flag=True, help="Make the user an administrator.")
-def create_user(email: str, password: str, admin: bool) -> None:
+@click.option("--tier", default=None, help="Tier name (free, premium, enterprise, ...); default: DEFAULT_TIER.")
+def create_user(email: str, password: str, admin: bool, tier: str | None) -> None:
     """Create a user who can own API keys and workers."""
     try:
-        user = accounts.create_user(email, password, is_admin=admin)
+        user = accounts.create_user(email, password, is_admin=admin, tier=tier)
     except ValueError as err:
         raise click.ClickException(str(err))
-    click.echo(f"created {'admin' if admin else 'user'} {user.email}")
+    click.echo(f"created {'admin' if admin else 'user'} {user.email}" + (f" in tier {tier}" if tier else ""))
 
 
 @click.command("create-key")
