@@ -87,3 +87,35 @@ def test_page_runs_under_its_content_security_policy(page, live):
     assert page.locator("h1").inner_text() == "Sign in"
     assert violations == []
 
+
+
+def test_admin_edits_a_tier_and_cancels_a_job(page, app, live):
+    from sqlalchemy import select, update
+
+    from conftest import make_account
+    from webapp import jobs
+    from webapp.db import db
+    from webapp.models import Job, Tier, User
+
+    root = make_account(app, "root@example.com")
+    with app.app_context():
+        with db.begin() as s:
+            s.execute(update(User).where(User.id == root.user_id).values(is_admin=True))
+        job = jobs.submit_job(root.user_id, None, "echo", {"model": "echo", "messages": []}, False)
+    page.goto("/login")
+    page.fill("input[name=email]", root.email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.click("text=Admin")
+    expect(page.locator('tr[data-model="echo"] .queued')).to_have_text("1")
+    page.locator(f'tr[data-job-id="{job.id}"] button', has_text="Cancel").click()
+    expect(page.locator(".flash")).to_contain_text(f"Job {job.id} is cancelled")
+
+    page.click("text=Users and tiers")
+    premium = page.locator('form[data-tier="premium"]')
+    premium.locator("input[name=requests_per_minute]").fill("42")
+    premium.locator("button[type=submit]").click()
+    expect(page.locator(".flash")).to_contain_text("The tier is updated")
+    with app.app_context(), db.read() as s:
+        assert s.scalar(select(Tier.requests_per_minute).where(Tier.name == "premium")) == 42
+        assert s.get(Job, job.id).state == "cancelled"

@@ -40,13 +40,14 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     login_manager.init_app(app)
     csrf.init_app(app)
 
-    from . import api, auth_views, dashboard, history, worker_api
+    from . import admin, api, auth_views, dashboard, history, worker_api
 
     app.register_blueprint(api.bp)
     app.register_blueprint(worker_api.bp)
     app.register_blueprint(auth_views.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(history.bp)
+    app.register_blueprint(admin.bp)
     # The API and the worker protocol authenticate with bearer tokens, never cookies,
     # so a cross-site form cannot ride on them: CSRF tokens are for the pages.
     csrf.exempt(api.bp)

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 from sqlalchemy import select
 
-from . import jobs, limits, relay, tokens, usage
+from . import events, jobs, limits, relay, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
@@ -103,7 +103,12 @@ def chat_completions():
     def admit(s, job, now):
         states.extend(limits.admit(s, key, job, prompt_tokens, now))
 
-    job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
+    try:
+        job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
+    except ApiError as err:
+        # Logged after the refused transaction rolled back, so the log entry stays.
+        events.record("rate_limited", key.user.email, err.message, key.user_id)
+        raise
     rate_headers = limits.headers(states)
     after_this_request(lambda response: add_headers(response, rate_headers))
     cfg = current_app.config

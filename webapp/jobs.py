@@ -17,7 +17,7 @@ from flask import current_app
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from . import wake
+from . import events, wake
 from .usage import settle_pending
 from .db import db
 from .models import Chunk, Job, Worker, utcnow
@@ -362,7 +362,8 @@ def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional
         # Compare the lease so a report that renewed it meanwhile wins over the reaper.
         if job is None or job.state != "running" or job.lease_token != lease or job.lease_expires_at >= now:
             return None
-        s.execute(update(Worker).where(Worker.id == job.worker_id).values(jobs_failed=Worker.jobs_failed + 1))
+        worker_id = job.worker_id
+        s.execute(update(Worker).where(Worker.id == worker_id).values(jobs_failed=Worker.jobs_failed + 1))
         if job.next_seq == 0 and job.attempts < current_app.config["JOB_MAX_ATTEMPTS"]:
             _requeue(job)
             outcome = "requeued"
@@ -374,6 +375,8 @@ def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional
             job.lease_token = None  # a late report from the lost worker gets lease_lost
             outcome = "failed"
     wake.ring(wake.job_topic(job_id), *(["jobs"] if outcome == "requeued" else []))
+    events.record("worker_lost", f"worker {worker_id}",
+                  f"job {job_id} {'queued again' if outcome == 'requeued' else 'failed'}: its lease lapsed")
     return outcome
 
 

@@ -1,0 +1,127 @@
+"""Admin pages: only admins get in; the queue, workers, users, tiers, prices and the log work."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+from sqlalchemy import select, update
+
+from conftest import make_account
+from protocol import ProtoWorker, WorkerThread
+from test_dashboard import csrf, sign_in
+from webapp import jobs
+from webapp.db import db
+from webapp.models import Job, Tier, Usage, User
+
+PROMPT = [{"role": "user", "content": "hello admin"}]
+ADMIN_PAGES = ["/admin/", "/admin/users", "/admin/prices", "/admin/events"]
+
+
+@pytest.fixture
+def admin(app):
+    """A signed-in administrator's test client and account."""
+    account = make_account(app, "root@example.com")
+    with app.app_context(), db.begin() as s:
+        s.execute(update(User).where(User.id == account.user_id).values(is_admin=True))
+    client = app.test_client()
+    assert sign_in(client, account.email).status_code == 302
+    return client, account
+
+
+def ask(live, key):
+    return requests.post(f"{live.url}/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "echo", "messages": PROMPT})
+
+
+def test_non_admins_get_403_everywhere(app, account):
+    client = app.test_client()
+    sign_in(client, account.email)
+    token = csrf(client.get("/dashboard"))
+    for path in ADMIN_PAGES:
+        assert client.get(path).status_code == 403
+    for path in ("/admin/jobs/1/cancel", "/admin/workers/1/shared", "/admin/users", "/admin/users/1",
+                 "/admin/tiers/1", "/admin/prices"):
+        assert client.post(path, data={"csrf_token": token}).status_code == 403
+    assert "Admin</a>" not in client.get("/dashboard").text
+
+
+def test_admin_sees_the_queue_and_cancels_a_job(app, admin):
+    client, account = admin
+    with app.app_context():
+        job = jobs.submit_job(account.user_id, None, "echo", {"model": "echo", "messages": PROMPT}, False)
+    page = client.get("/admin/").text
+    assert re.search(r'data-model="echo"><td>echo</td><td class="queued">1<', page)
+    r = client.post(f"/admin/jobs/{job.id}/cancel", data={"csrf_token": csrf(client.get("/admin/"))})
+    assert r.status_code == 302
+    with app.app_context(), db.read() as s:
+        assert s.get(Job, job.id).state == "cancelled"
+    assert "job_cancelled" in client.get("/admin/events").text
+
+
+def test_admin_tier_edits_apply_to_the_next_request(app, admin, live):
+    client, root = admin
+    user = make_account(app, "user@example.com")
+    with app.app_context(), db.read() as s:
+        free = s.scalar(select(Tier).where(Tier.name == "free"))
+    token = csrf(client.get("/admin/users"))
+    client.post(f"/admin/users/{user.user_id}", data={"csrf_token": token, "tier_id": free.id, "priority": "0"})
+    form = {"csrf_token": token, "priority": "0", "requests_per_minute": "1"}
+    assert client.post(f"/admin/tiers/{free.id}", data=form).status_code == 302
+    with WorkerThread(live.url, user.token):
+        assert ask(live, user.key).status_code == 200
+        assert ask(live, user.key).status_code == 429
+    log = client.get("/admin/events?kind=rate_limited").text
+    assert "user@example.com" in log and "1 requests per minute" in log
+
+
+def test_bad_tier_values_are_refused(app, admin):
+    client, _ = admin
+    token = csrf(client.get("/admin/users"))
+    r = client.post("/admin/tiers/1", data={"csrf_token": token, "priority": "0", "requests_per_minute": "-3"},
+                    follow_redirects=True)
+    assert "must be a positive whole number" in r.text
+    with app.app_context(), db.read() as s:
+        assert s.get(Tier, 1).requests_per_minute == 10
+
+
+def test_admin_shares_a_worker_with_everyone(app, admin, live):
+    client, root = admin
+    alice = make_account(app, "alice@example.com")
+    bob = make_account(app, "bob@example.com")
+    with app.app_context():
+        jobs.submit_job(alice.user_id, None, "echo", {"model": "echo", "messages": PROMPT}, False)
+    bobs = ProtoWorker(live.url, bob.token)
+    assert bobs.claim() == []
+    with app.app_context(), db.read() as s:
+        from webapp.models import Worker
+
+        bob_worker = s.scalar(select(Worker.id).where(Worker.user_id == bob.user_id))
+    client.post(f"/admin/workers/{bob_worker}/shared", data={"csrf_token": csrf(client.get("/admin/")), "shared": "1"})
+    assert len(bobs.claim()) == 1
+
+
+def test_admin_sets_a_price_and_requests_cost_it(app, admin, live):
+    client, root = admin
+    r = client.post("/admin/prices", data={"csrf_token": csrf(client.get("/admin/prices")), "model": "echo",
+                                           "prompt": "2.5", "completion": "10"})
+    assert r.status_code == 302
+    with WorkerThread(live.url, root.token):
+        assert ask(live, root.key).status_code == 200
+    with app.app_context(), db.read() as s:
+        row = s.scalars(select(Usage)).one()
+    assert row.cost_nanos == (row.prompt_tokens * 2_500_000 + row.completion_tokens * 10_000_000) // 1000 > 0
+    assert "2.5000" in client.get("/admin/prices").text
+
+
+def test_admin_creates_users_but_cannot_drop_own_rights(app, admin):
+    client, root = admin
+    token = csrf(client.get("/admin/users"))
+    client.post("/admin/users", data={"csrf_token": token, "email": "new@example.com", "password": "long enough",
+                                      "tier": "premium"})
+    r = client.post(f"/admin/users/{root.user_id}", data={"csrf_token": token, "priority": "0"}, follow_redirects=True)
+    assert "cannot take away your own admin rights" in r.text
+    with app.app_context(), db.read() as s:
+        new = s.scalar(select(User).where(User.email == "new@example.com"))
+        assert s.get(Tier, new.tier_id).name == "premium"
+        assert s.get(User, root.user_id).is_admin

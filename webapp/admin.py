@@ -1,0 +1,190 @@
+"""Admin pages: the queue, every worker, users and tiers, model prices, the system log."""
+from __future__ import annotations
+
+import datetime as dt
+from functools import wraps
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import func, select, update
+
+from . import accounts, events, jobs
+from .dashboard import worker_state
+from .db import db
+from .models import WINDOWS, Event, Job, ModelPrice, Tier, User, Worker, utcnow
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+LIMIT_FIELDS = [f"{kind}_per_{window}" for kind in ("requests", "tokens") for window in WINDOWS]
+
+
+def admin_required(view):
+    """Let only administrators in; everyone else gets 403."""
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user.is_admin:
+            abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+@bp.get("/")
+@admin_required
+def queue():
+    """Show the queue per model, running jobs and every worker's health."""
+    now = utcnow()
+    with db.read() as s:
+        depth = s.execute(
+            select(Job.model, Job.state, func.count(), func.min(Job.created_at))
+            .where(Job.state.in_(("queued", "running")))
+            .group_by(Job.model, Job.state)
+        ).all()
+        running = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.id).limit(200)))
+        workers = list(s.scalars(select(Worker).order_by(Worker.last_seen_at.desc())))
+        owners = dict(s.execute(select(User.id, User.email)).all())
+        busy = dict(s.execute(select(Job.worker_id, func.count()).where(Job.state == "running").group_by(Job.worker_id)).all())
+    models: dict[str, dict] = {}
+    for model, state, count, oldest in depth:
+        entry = models.setdefault(model, {"queued": 0, "running": 0, "oldest": None})
+        entry[state] = count
+        if state == "queued":
+            entry["oldest"] = round((now - oldest).total_seconds(), 1)
+    states = {w.id: worker_state(w, busy.get(w.id, 0)) for w in workers}
+    return render_template("admin/queue.html", models=models, jobs=running, workers=workers, states=states,
+                           owners=owners, now=now)
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@admin_required
+def cancel(job_id: int):
+    """Cancel a queued or running job; its client gets an error and its worker is told."""
+    if jobs.cancel_job(job_id, "cancelled", "An administrator cancelled the request."):
+        events.record("job_cancelled", str(job_id), f"cancelled by {current_user.email}", current_user.id)
+        flash(f"Job {job_id} is cancelled.", "info")
+    else:
+        flash(f"Job {job_id} had already ended.", "error")
+    return redirect(url_for("admin.queue"))
+
+
+@bp.post("/workers/<int:worker_id>/shared")
+@admin_required
+def share_worker(worker_id: int):
+    """Let a worker serve every user's jobs, or only its owner's again."""
+    shared = request.form.get("shared") == "1"
+    with db.begin() as s:
+        if not s.execute(update(Worker).where(Worker.id == worker_id).values(shared=shared)).rowcount:
+            abort(404)
+    flash("The worker now serves everyone's jobs." if shared else "The worker now serves only its owner.", "info")
+    return redirect(url_for("admin.queue"))
+
+
+@bp.get("/users")
+@admin_required
+def users():
+    """List users with their tier, and the tiers with their limits."""
+    with db.read() as s:
+        found = list(s.scalars(select(User).order_by(User.id)))
+        tiers = list(s.scalars(select(Tier).order_by(Tier.id)))
+    return render_template("admin/users.html", users=found, tiers=tiers, fields=LIMIT_FIELDS)
+
+
+@bp.post("/users")
+@admin_required
+def create_user():
+    """Create a user from the admin page."""
+    try:
+        accounts.create_user(request.form.get("email", ""), request.form.get("password", ""),
+                             is_admin=request.form.get("admin") == "1", tier=request.form.get("tier") or None)
+    except ValueError as err:
+        flash(f"Could not create the user: {err}.", "error")
+        return redirect(url_for("admin.users"))
+    flash("The user is created.", "info")
+    return redirect(url_for("admin.users"))
+
+
+@bp.post("/users/<int:user_id>")
+@admin_required
+def edit_user(user_id: int):
+    """Change a user's tier, admin flag and priority adjustment."""
+    tier_id = request.form.get("tier_id", type=int)
+    priority = request.form.get("priority", type=int)
+    if priority is None or not -100 <= priority <= 100:
+        flash("Priority must be a whole number from -100 to 100.", "error")
+        return redirect(url_for("admin.users"))
+    if user_id == current_user.id and request.form.get("admin") != "1":
+        flash("You cannot take away your own admin rights.", "error")
+        return redirect(url_for("admin.users"))
+    with db.begin() as s:
+        if tier_id is not None and s.get(Tier, tier_id) is None:
+            abort(400)
+        done = s.execute(update(User).where(User.id == user_id).values(
+            tier_id=tier_id, is_admin=request.form.get("admin") == "1", priority=priority)).rowcount
+    if not done:
+        abort(404)
+    flash("The user is updated.", "info")
+    return redirect(url_for("admin.users"))
+
+
+@bp.post("/tiers/<int:tier_id>")
+@admin_required
+def edit_tier(tier_id: int):
+    """Change a tier's limits, priority and concurrency cap (empty means no cap)."""
+    values: dict = {}
+    for field in [*LIMIT_FIELDS, "max_concurrent"]:
+        raw = request.form.get(field, "").strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            flash(f"{field.replace('_', ' ')} must be a positive whole number, or empty for no cap.", "error")
+            return redirect(url_for("admin.users"))
+        values[field] = int(raw) if raw else None
+    priority = request.form.get("priority", type=int)
+    if priority is None or not -100 <= priority <= 100:
+        flash("Priority must be a whole number from -100 to 100.", "error")
+        return redirect(url_for("admin.users"))
+    with db.begin() as s:
+        if not s.execute(update(Tier).where(Tier.id == tier_id).values(priority=priority, **values)).rowcount:
+            abort(404)
+    flash("The tier is updated; its limits apply from the next request.", "info")
+    return redirect(url_for("admin.users"))
+
+
+@bp.route("/prices", methods=["GET", "POST"])
+@admin_required
+def prices():
+    """List model prices and set one (dollars per million tokens)."""
+    if request.method == "POST":
+        model = request.form.get("model", "").strip()
+        try:
+            prompt = round(float(request.form.get("prompt", "")) * 1_000_000)
+            completion = round(float(request.form.get("completion", "")) * 1_000_000)
+        except ValueError:
+            prompt = completion = -1
+        if not model or len(model) > 191 or prompt < 0 or completion < 0:
+            flash("Give a model id and two prices of 0 or more, in dollars per million tokens.", "error")
+            return redirect(url_for("admin.prices"))
+        with db.begin() as s:
+            price = s.scalar(select(ModelPrice).where(ModelPrice.model == model)) or ModelPrice(model=model)
+            price.prompt_micros_per_m, price.completion_micros_per_m = prompt, completion
+            s.add(price)
+        flash(f"The price of {model} is set; it applies to requests that end from now on.", "info")
+        return redirect(url_for("admin.prices"))
+    with db.read() as s:
+        found = list(s.scalars(select(ModelPrice).order_by(ModelPrice.model)))
+    return render_template("admin/prices.html", prices=found)
+
+
+@bp.get("/events")
+@admin_required
+def system_log():
+    """Show the newest notable events, optionally of one kind."""
+    kind = request.args.get("kind", "")
+    query = select(Event).order_by(Event.id.desc()).limit(200)
+    if kind:
+        query = query.where(Event.kind == kind)
+    with db.read() as s:
+        found = list(s.scalars(query))
+        kinds = list(s.scalars(select(Event.kind).distinct().order_by(Event.kind)))
+        day = s.scalar(select(func.count()).select_from(Event).where(Event.created_at >= utcnow() - dt.timedelta(days=1)))
+    return render_template("admin/events.html", events=found, kinds=kinds, kind=kind, day=day)
