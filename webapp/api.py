@@ -12,7 +12,7 @@ from . import events, jobs, limits, relay, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
-from .models import Chunk, Job, Worker, utcnow
+from .models import TERMINAL, Chunk, Job, Worker, utcnow
 from .validation import validate_chat
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -121,7 +121,7 @@ def chat_completions():
         jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
         usage.settle(job.id)
         raise
-    if job.state in jobs.TERMINAL and job.state != "completed" and job.next_seq == 0:
+    if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
         usage.settle(job.id)
         raise relay.job_error(job)
     if stream:

@@ -14,7 +14,7 @@ from .models import ApiKey, Job, Usage, Worker, utcnow
 
 bp = Blueprint("dashboard", __name__)
 
-PERIODS = (("Last 24 hours", 1), ("Last 7 days", 7), ("Last 30 days", 30))
+PERIODS = (("Last 24 hours", 1), ("Last 7 days", 7), ("Last 30 days", 30))  # label, days
 
 
 @bp.get("/")
@@ -29,10 +29,10 @@ def overview():
     """Show requests, tokens, cost and success rate, charts per day, and rate-limit use."""
     now = utcnow()
     today = now.date()
-    periods = [(label, last_hours(current_user.id, now) if days == 1 else
-                usage.summary(current_user.id, today - dt.timedelta(days=days - 1), today)["totals"])
-               for label, days in PERIODS]
     month = usage.summary(current_user.id, today - dt.timedelta(days=29), today)
+    week = usage.summary(current_user.id, today - dt.timedelta(days=6), today)
+    periods = [(PERIODS[0][0], last_hours(current_user.id, now)), (PERIODS[1][0], week["totals"]),
+               (PERIODS[2][0], month["totals"])]
     days = [(today - dt.timedelta(days=29 - i)).isoformat() for i in range(30)]
     empty = dict.fromkeys(usage.COUNTERS, 0)
     series = [(day, month["daily"].get(day, empty)) for day in days]

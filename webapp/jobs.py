@@ -22,7 +22,6 @@ from .usage import settle_pending
 from .db import db
 from .models import Chunk, Job, Worker, utcnow
 
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 _last_reap = {"at": 0.0}
 
 

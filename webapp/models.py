@@ -36,6 +36,9 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+# Job states after which nothing more happens to a job.
+TERMINAL = ("completed", "failed", "cancelled", "expired")
+
 # The sliding windows every limit is counted over, in seconds.
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
 

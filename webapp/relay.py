@@ -8,7 +8,7 @@ from flask import current_app
 
 from . import jobs, wake
 from .errors import ApiError
-from .models import Chunk, Job, utcnow
+from .models import TERMINAL, Chunk, Job, utcnow
 
 Event = tuple[str, Union[list[Chunk], Job, None]]
 
@@ -25,7 +25,7 @@ def wait_for_start(job_id: int, patience: float) -> Job:
     while True:
         since = wake.stamp(topic)
         job, _ = jobs.read_progress(job_id, 0)
-        if job.state in jobs.TERMINAL or job.next_seq > 0:
+        if job.state in TERMINAL or job.next_seq > 0:
             return job
         if (job.state, job.attempts) != seen:
             # Claimed, or queued again after a lost worker: the wait starts over.
@@ -62,7 +62,7 @@ def follow(job_id: int) -> Iterator[Event]:
             seq += len(chunks)
             last_sent = time.monotonic()
             yield "chunks", chunks
-        if job.state in jobs.TERMINAL and seq >= job.next_seq:
+        if job.state in TERMINAL and seq >= job.next_seq:
             yield "end", job
             return
         if chunks:

@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 
 from . import tokens
 from .db import db
-from .models import Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
+from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
 
-TERMINAL = ("completed", "failed", "cancelled", "expired")
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos", "latency_ms")
 
 
