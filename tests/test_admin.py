@@ -15,7 +15,7 @@ from webapp.db import db
 from webapp.models import Job, Tier, Usage, User
 
 PROMPT = [{"role": "user", "content": "hello admin"}]
-ADMIN_PAGES = ["/admin/", "/admin/users", "/admin/prices", "/admin/events"]
+ADMIN_PAGES = ["/admin/", "/admin/users", "/admin/prices", "/admin/events", "/admin/settings"]
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_non_admins_get_403_everywhere(app, account):
     for path in ADMIN_PAGES:
         assert client.get(path).status_code == 403
     for path in ("/admin/jobs/1/cancel", "/admin/workers/1/shared", "/admin/users", "/admin/users/1",
-                 "/admin/tiers/1", "/admin/prices"):
+                 "/admin/tiers/1", "/admin/prices", "/admin/aliases", "/admin/settings", "/admin/invites"):
         assert client.post(path, data={"csrf_token": token}).status_code == 403
     assert "Admin</a>" not in client.get("/dashboard").text
 
@@ -125,3 +125,81 @@ def test_admin_creates_users_but_cannot_drop_own_rights(app, admin):
         new = s.scalar(select(User).where(User.email == "new@example.com"))
         assert s.get(Tier, new.tier_id).name == "premium"
         assert s.get(User, root.user_id).is_admin
+
+
+def test_sign_up_is_closed_until_the_admin_opens_it(app, admin):
+    client, _ = admin
+    stranger = app.test_client()
+    page = stranger.get("/signup")
+    assert page.status_code == 403 and "by invitation only" in page.text
+    assert stranger.post("/signup", data={"email": "x@example.com", "password": "long enough pw",
+                                          "confirm": "long enough pw", "csrf_token": "nope"}).status_code in (400, 403)
+    assert "Create an account" not in stranger.get("/login").text
+    r = client.post("/admin/settings", data={"csrf_token": csrf(client.get("/admin/settings")),
+                                             "public_signup": "1", "retention_hours": "48"})
+    assert r.status_code == 302
+    assert "Create an account" in stranger.get("/login").text
+    form = stranger.get("/signup")
+    assert form.status_code == 200
+    r = stranger.post("/signup", data={"email": "New@Example.com", "password": "long enough pw",
+                                       "confirm": "long enough pw", "csrf_token": csrf(form)})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/dashboard")
+    again = app.test_client()
+    r = again.post("/signup", data={"email": "new@example.com", "password": "long enough pw",
+                                    "confirm": "long enough pw", "csrf_token": csrf(again.get("/signup"))})
+    assert r.status_code == 400 and "already exists" in r.text
+    assert 'value="48"' in client.get("/admin/settings").text
+    bad = client.post("/admin/settings", data={"csrf_token": csrf(client.get("/admin/settings")),
+                                               "retention_hours": "-3"}, follow_redirects=True)
+    assert "whole number of hours" in bad.text
+
+
+def test_an_invite_makes_one_account_in_its_tier(app, admin):
+    client, _ = admin
+    with app.app_context(), db.read() as s:
+        premium = s.scalar(select(Tier).where(Tier.name == "premium"))
+    page = client.post("/admin/invites", data={"csrf_token": csrf(client.get("/admin/users")),
+                                               "email": "guest@example.com", "tier_id": str(premium.id)})
+    assert page.status_code == 200
+    link = re.search(r'<code id="new-invite">([^<]+)</code>', page.text).group(1)
+    assert "/signup?invite=pgi_" in link
+    path = link[link.index("/signup"):]
+    guest = app.test_client()
+    form = guest.get(path)
+    assert form.status_code == 200 and 'value="guest@example.com"' in form.text
+    secret = path.split("invite=")[1]
+    wrong = guest.post("/signup", data={"invite": secret, "email": "other@example.com", "password": "long enough pw",
+                                        "confirm": "long enough pw", "csrf_token": csrf(form)})
+    assert wrong.status_code == 400 and "this invite is for guest@example.com" in wrong.text
+    r = guest.post("/signup", data={"invite": secret, "email": "guest@example.com", "password": "long enough pw",
+                                    "confirm": "long enough pw", "csrf_token": csrf(form)})
+    assert r.status_code == 302
+    with app.app_context(), db.read() as s:
+        user = s.scalar(select(User).where(User.email == "guest@example.com"))
+        assert user.tier_id == premium.id and not user.is_admin
+    used = app.test_client().get(path)
+    assert used.status_code == 403 and "used up or expired" in used.text
+    with app.app_context(), db.read() as s:
+        # Only the hash is stored.
+        from webapp.models import Invite
+        assert secret not in str([i.token_hash for i in s.scalars(select(Invite))])
+
+
+def test_an_alias_serves_the_model_it_stands_for(app, admin, live):
+    import openai
+
+    client, account = admin
+    token = csrf(client.get("/admin/prices"))
+    assert client.post("/admin/aliases", data={"csrf_token": token, "alias": "gpt-4o-mini", "target": "echo"}).status_code == 302
+    bad = client.post("/admin/aliases", data={"csrf_token": token, "alias": "x", "target": "gpt-4o-mini"},
+                      follow_redirects=True)
+    assert "is itself an alias" in bad.text
+    api = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+    with WorkerThread(live.url, account.token):
+        ids = [m.id for m in api.models.list().data]
+        assert "gpt-4o-mini" in ids and "echo" in ids
+        reply = api.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
+    assert reply.model == "echo" and reply.choices[0].message.content
+    client.post("/admin/aliases", data={"csrf_token": token, "alias": "gpt-4o-mini", "target": ""})
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)

@@ -70,7 +70,8 @@ def test_sign_in_create_key_use_it_see_it_counted_and_revoke_it(page, live, acco
 
     page.click("text=Overview")
     assert page.locator('[data-period="Last 24 hours"] .requests').inner_text() == "1"
-    assert page.locator("rect.bar[data-value='1']").count() == 1  # today's bar in the chart
+    assert page.locator("rect.band[data-model='echo'][data-value='1']").count() == 1  # today's bar in the chart
+    expect(page.locator("[data-chart=requests] .legend")).to_have_text("echo")
 
     page.click("text=API keys")
     row = page.locator("tr", has_text="from the browser")

@@ -1,16 +1,18 @@
 """The dashboard through its pages: sign-in, throttling, CSRF, keys, the overview's figures."""
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from conftest import make_account
 from protocol import WorkerThread
+from webapp import settings, usage
 from webapp.db import db
-from webapp.models import ApiKey, Event, Usage, Worker
+from webapp.models import ApiKey, Event, Job, Usage, Worker
 
 PASSWORD = "correct horse battery"  # make_account's
 
@@ -122,7 +124,24 @@ def test_overview_figures_match_the_usage_rows(app, account, browser, live):
         assert re.search(r'class="requests">(\d+)<', card).group(1) == "3"
         assert re.search(r'class="tokens">(\d+)<', card).group(1) == str(tokens)
     assert '<td>echo</td><td>3</td><td>0</td>' in page
-    assert 'data-value="3"' in page  # today's bar in the requests chart
+    today = rows[0].created_at.date().isoformat()
+    # Today's band for echo, in the requests chart and in the tokens chart.
+    assert f'data-day="{today}" data-model="echo" data-value="3"' in page
+    assert f'data-day="{today}" data-model="echo" data-value="{tokens}"' in page
+
+
+def test_charts_band_each_model_and_group_the_rest():
+    from webapp.dashboard import chart
+
+    day = "2026-11-24"
+    figures = {f"m{i}": {"requests": 10 - i, "prompt_tokens": 1, "completion_tokens": 2} for i in range(9)}
+    laid = chart(["2026-11-23", day], {day: figures}, ("requests",))
+    assert laid["legend"] == ["m0", "m1", "m2", "m3", "m4", "m5", "other models"]
+    assert laid["bars"][0] == ("2026-11-23", [(name, 0) for name in laid["legend"]])
+    assert dict(laid["bars"][1][1])["other models"] == 4 + 3 + 2
+    assert laid["top"] == sum(10 - i for i in range(9))
+    few = chart([day], {day: {k: figures[k] for k in list(figures)[:7]}}, ("prompt_tokens", "completion_tokens"))
+    assert len(few["legend"]) == 7 and "other models" not in few["legend"] and few["top"] == 21
 
 
 def test_pages_carry_a_content_security_policy(app):
@@ -201,3 +220,10 @@ def test_request_history_filters_and_detail(app, account, browser, live):
     sign_in(client, other.email)
     assert client.get(f"/requests/{ok_id}").status_code == 404
     assert "first question" not in client.get("/requests").text
+    # Past the retention setting the content is hidden; the figures stay.
+    with app.app_context():
+        settings.save({"retention_hours": 0})
+        with db.begin() as s:
+            s.execute(update(Job).values(finished_at=usage.utcnow() - dt.timedelta(seconds=1)))
+    detail = browser.get(f"/requests/{ok_id}").text
+    assert "first question" not in detail and "no longer kept" in detail

@@ -12,8 +12,9 @@ from sqlalchemy import func, select, update
 
 from conftest import make_account
 from protocol import WorkerThread
-from webapp import tokens, usage
+from webapp import limits, tokens, usage
 from webapp.db import db
+from webapp.errors import ApiError
 from webapp.models import ApiKey, Job, ModelPrice, Tier, Usage, UsageDaily, User
 
 PROMPT = [{"role": "user", "content": "count these five words"}]
@@ -263,3 +264,90 @@ def test_tier_priority_orders_the_queue(app, live):
     with app.app_context(), db.read() as s:
         owners = {j.public_id: j.user_id for j in s.scalars(select(Job))}
     assert [owners[j["id"]] for j in claimed] == [high.user_id, low.user_id]
+
+
+def _admit_at(key_id: int, now: dt.datetime, prompt_tokens: int = 5):
+    """Admit one request at a chosen time, straight through limits.admit."""
+    with db.begin() as s:
+        key = s.get(ApiKey, key_id)
+        job = Job(public_id=f"t-{time.monotonic_ns()}", user_id=key.user_id, api_key_id=key.id, model="echo",
+                  rank=0, request_json="{}", created_at=now, deadline_at=now)
+        return limits.admit(s, key, job, prompt_tokens, now)
+
+
+def test_windows_slide_exactly_across_minute_edges(app, account):
+    give_tier(app, account.user_id, requests_per_minute=2)
+    base = usage.utcnow().replace(second=0, microsecond=0) - dt.timedelta(minutes=10)
+    at = lambda seconds: base + dt.timedelta(seconds=seconds)  # noqa: E731
+    with app.app_context():
+        key_id = rows(app, ApiKey)[0].id
+        _admit_at(key_id, at(30))
+        _admit_at(key_id, at(50))
+        with pytest.raises(ApiError) as refused:
+            _admit_at(key_id, at(80))  # the window [20 s, 80 s) holds both
+        assert refused.value.retry_after == pytest.approx(10)  # the use at 30 s leaves at 90 s
+        _admit_at(key_id, at(90.001))  # the window [30.001 s, 90.001 s) holds only the one at 50 s
+        with pytest.raises(ApiError):
+            _admit_at(key_id, at(100))
+
+
+def test_bucketed_windows_match_counting_every_row(app, account):
+    """Minute buckets plus the ragged first minute give what counting the usage rows gives."""
+    import random
+
+    rng = random.Random(7)
+    caps = {f"{kind}_per_{window}": 10**9 for kind in ("requests", "tokens") for window in ("minute", "hour", "day")}
+    give_tier(app, account.user_id, **caps)
+    set_key(app, requests_per_minute=10**9, tokens_per_hour=10**9)
+    start = usage.utcnow() - dt.timedelta(hours=3)
+    with app.app_context():
+        key_id = rows(app, ApiKey)[0].id
+        stranger = make_account(app, email="stranger@example.com")  # another user's use stays out
+        with db.begin() as s:
+            other_key = ApiKey(user_id=account.user_id, name="second", prefix="x", key_hash="h" * 64)
+            s.add(other_key)
+            s.flush()
+            other_key_id = other_key.id
+            stranger_key_id = s.scalar(select(ApiKey.id).where(ApiKey.user_id == stranger.user_id))
+        times = sorted(start + dt.timedelta(seconds=rng.uniform(0, 3 * 3600)) for _ in range(400))
+        checks = 0
+        for i, t in enumerate(times):
+            _admit_at(rng.choice([key_id, other_key_id]), t, prompt_tokens=rng.randint(1, 50))
+            _admit_at(stranger_key_id, t)
+            if i % 13:
+                continue
+            # Look between this use and the next, the way a real admission sees the past.
+            now = t + (times[i + 1] - t) * rng.random() if i + 1 < len(times) else t
+            checks += 1
+            with db.read() as s:
+                user = s.get(User, account.user_id)
+                key = s.get(ApiKey, key_id)
+                all_rows = list(s.scalars(select(Usage).where(Usage.user_id == account.user_id)))
+                states = limits._states(s, user.id, [("account", "u", user.id, limits.tier_of(s, user)),
+                                                     ("API key", "k", key.id, key)], now)
+                assert len(states) == 6 + 2
+                for state in states:
+                    since = now - dt.timedelta(seconds=limits.WINDOWS[state.window])
+                    mine = [r for r in all_rows if since <= r.created_at
+                            and (state.subject == "account" or r.api_key_id == key.id)]
+                    want = len(mine) if state.kind == "requests" else sum(r.prompt_tokens for r in mine)
+                    assert state.used == want, (state, now)
+                    if mine:
+                        oldest = min(r.created_at for r in mine)
+                        expect = (oldest + dt.timedelta(seconds=limits.WINDOWS[state.window]) - now).total_seconds()
+                        assert state.reset_in == pytest.approx(expect, abs=1e-3)
+        assert checks > 25
+
+
+def test_purge_drops_only_buckets_no_window_reaches(app, account):
+    from webapp.models import RateBucket
+
+    now = usage.utcnow().replace(second=0, microsecond=0)
+    ages = [dt.timedelta(hours=h) for h in (0, 20, 26, 30, 80)]
+    with app.app_context():
+        with db.begin() as s:
+            for age in ages:
+                s.add(RateBucket(subject="u", subject_id=account.user_id, minute=now - age, requests=1, tokens=1,
+                                 first_at=now - age))
+        assert limits.purge_buckets(now) == 3  # older than a day and the hour of grace
+        assert sorted(now - b.minute for b in rows(app, RateBucket)) == ages[:2]

@@ -1,4 +1,4 @@
-"""Users, API keys and worker tokens: creation and bearer-token authentication."""
+"""Users, invites, API keys and worker tokens: creation and bearer-token authentication."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,14 +8,17 @@ import secrets
 from typing import Optional
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from werkzeug.security import generate_password_hash
 
 from .db import db
 from .errors import ApiError
-from .models import ApiKey, Tier, User, Worker, utcnow
+from .models import ApiKey, Invite, Tier, User, Worker, utcnow
 
 API_KEY_PREFIX = "pgk_"
 WORKER_TOKEN_PREFIX = "pgw_"
+INVITE_PREFIX = "pgi_"
 # Writing last_used_at on every call would turn each request into a write.
 LAST_USED_GRANULARITY = dt.timedelta(seconds=60)
 
@@ -32,23 +35,67 @@ def new_secret(prefix: str) -> str:
 
 def create_user(email: str, password: str, is_admin: bool = False, tier: Optional[str] = None) -> User:
     """Create a user with a hashed password, in the named tier or the default one."""
-    email = email.strip().lower()
-    if "@" not in email or len(email) > 191:
-        raise ValueError(f"not an email address: {email!r}")
-    if len(password) < 8:
-        raise ValueError("password must be at least 8 characters")
     with db.begin() as s:
-        if s.scalar(select(User.id).where(User.email == email)) is not None:
-            raise ValueError(f"a user with email {email} already exists")
         tier_id = None
         if tier is not None:
             tier_id = s.scalar(select(Tier.id).where(Tier.name == tier))
             if tier_id is None:
                 names = ", ".join(s.scalars(select(Tier.name).order_by(Tier.id)))
                 raise ValueError(f"no tier named {tier!r} (tiers: {names})")
-        user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin, tier_id=tier_id)
-        s.add(user)
+        return _add_user(s, email, password, is_admin, tier_id)
+
+
+def _add_user(s: Session, email: str, password: str, is_admin: bool, tier_id: Optional[int]) -> User:
+    """Check the email and password, then add the user inside the caller's transaction."""
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 191:
+        raise ValueError(f"not an email address: {email!r}")
+    if len(password) < 8:
+        raise ValueError("password must be at least 8 characters")
+    if s.scalar(select(User.id).where(User.email == email)) is not None:
+        raise ValueError(f"a user with email {email} already exists")
+    user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin, tier_id=tier_id)
+    s.add(user)
+    try:
+        s.flush()
+    except IntegrityError:
+        # Two sign-ups with one address at once: the unique key lets one through.
+        raise ValueError(f"a user with email {email} already exists") from None
     return user
+
+
+def create_invite(created_by: int, email: str = "", tier_id: Optional[int] = None, days: int = 7) -> str:
+    """Create a one-time sign-up invite and return its secret, which is never stored."""
+    secret = new_secret(INVITE_PREFIX)
+    with db.begin() as s:
+        s.add(Invite(token_hash=hash_secret(secret), email=email.strip().lower(), tier_id=tier_id,
+                     created_by=created_by, expires_at=utcnow() + dt.timedelta(days=days)))
+    return secret
+
+
+def check_invite(secret: str) -> Optional[Invite]:
+    """Return the unused, unexpired invite with this secret, if any."""
+    with db.read() as s:
+        invite = s.scalar(select(Invite).where(Invite.token_hash == hash_secret(secret)))
+    if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
+        return None
+    return invite
+
+
+def sign_up(email: str, password: str, invite_secret: Optional[str]) -> User:
+    """Create a user from the sign-up form, spending the invite if one is given."""
+    with db.begin() as s:
+        if not invite_secret:
+            return _add_user(s, email, password, False, None)
+        # Locked, so one invite makes one account however many forms race it.
+        invite = s.scalar(select(Invite).where(Invite.token_hash == hash_secret(invite_secret)).with_for_update())
+        if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
+            raise ValueError("this invite is used up or expired; ask for a new one")
+        if invite.email and invite.email != email.strip().lower():
+            raise ValueError(f"this invite is for {invite.email}")
+        user = _add_user(s, email, password, False, invite.tier_id)
+        invite.used_at, invite.used_by = utcnow(), user.id
+        return user
 
 
 def find_user(email: str) -> Optional[User]:

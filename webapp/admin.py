@@ -1,4 +1,4 @@
-"""Admin pages: the queue, every worker, users and tiers, model prices, the system log."""
+"""Admin pages: the queue, every worker, users, tiers and invites, prices and aliases, settings, the log."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,10 +8,10 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from sqlalchemy import func, select, update
 
-from . import accounts, events, jobs
+from . import accounts, events, jobs, settings
 from .dashboard import worker_state
 from .db import db
-from .models import WINDOWS, Event, Job, ModelPrice, Tier, User, Worker, utcnow
+from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -83,12 +83,15 @@ def share_worker(worker_id: int):
 
 @bp.get("/users")
 @admin_required
-def users():
-    """List users with their tier, and the tiers with their limits."""
+def users(invite_link: str = ""):
+    """List users with their tier, the tiers with their limits, and open invites."""
     with db.read() as s:
         found = list(s.scalars(select(User).order_by(User.id)))
         tiers = list(s.scalars(select(Tier).order_by(Tier.id)))
-    return render_template("admin/users.html", users=found, tiers=tiers, fields=LIMIT_FIELDS)
+        invites = list(s.scalars(select(Invite).where(Invite.used_at.is_(None), Invite.expires_at > utcnow())
+                                 .order_by(Invite.id.desc()).limit(50)))
+    return render_template("admin/users.html", users=found, tiers=tiers, fields=LIMIT_FIELDS, invites=invites,
+                           invite_link=invite_link)
 
 
 @bp.post("/users")
@@ -172,7 +175,67 @@ def prices():
         return redirect(url_for("admin.prices"))
     with db.read() as s:
         found = list(s.scalars(select(ModelPrice).order_by(ModelPrice.model)))
-    return render_template("admin/prices.html", prices=found)
+        aliases = list(s.scalars(select(ModelAlias).order_by(ModelAlias.alias)))
+    return render_template("admin/prices.html", prices=found, aliases=aliases)
+
+
+@bp.post("/aliases")
+@admin_required
+def set_alias():
+    """Map a public model name to a model workers advertise, or drop the mapping."""
+    alias = request.form.get("alias", "").strip()
+    target = request.form.get("target", "").strip()
+    if not alias or len(alias) > 191 or len(target) > 191 or alias == target:
+        flash("Give a public name and the different model id it stands for (up to 191 characters each).", "error")
+        return redirect(url_for("admin.prices"))
+    with db.begin() as s:
+        found = s.scalar(select(ModelAlias).where(ModelAlias.alias == alias))
+        if not target:
+            if found is not None:
+                s.delete(found)
+        elif s.scalar(select(ModelAlias.id).where(ModelAlias.alias == target)) is not None:
+            flash(f"{target} is itself an alias; point {alias} at the model it stands for.", "error")
+            return redirect(url_for("admin.prices"))
+        else:
+            found = found or ModelAlias(alias=alias)
+            found.target = target
+            s.add(found)
+    settings.forget()
+    flash(f"{alias} now stands for {target}." if target else f"The alias {alias} is gone.", "info")
+    return redirect(url_for("admin.prices"))
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+@admin_required
+def site_settings():
+    """Show and change the site's settings: public sign-up and how long content is kept."""
+    if request.method == "POST":
+        hours = request.form.get("retention_hours", "").strip()
+        if not hours.isdigit() or int(hours) > 24 * 365:
+            flash("Retention must be a whole number of hours from 0 to 8760.", "error")
+            return redirect(url_for("admin.site_settings"))
+        settings.save({"public_signup": request.form.get("public_signup") == "1", "retention_hours": int(hours)})
+        events.record("settings_changed", current_user.email, "site settings changed", current_user.id)
+        flash("The settings are saved.", "info")
+        return redirect(url_for("admin.site_settings"))
+    return render_template("admin/settings.html", settings=settings.all_settings())
+
+
+@bp.post("/invites")
+@admin_required
+def invite():
+    """Make a one-time sign-up link, optionally for one address and one tier."""
+    tier_id = request.form.get("tier_id", type=int)
+    email = request.form.get("email", "").strip()
+    if email and ("@" not in email or len(email) > 191):
+        flash("That is not an email address; leave it empty to let anyone use the invite.", "error")
+        return redirect(url_for("admin.users"))
+    with db.read() as s:
+        if tier_id is not None and s.get(Tier, tier_id) is None:
+            abort(400)
+    secret = accounts.create_invite(current_user.id, email, tier_id)
+    link = url_for("auth.signup", invite=secret, _external=True)
+    return users(invite_link=link)
 
 
 @bp.get("/events")

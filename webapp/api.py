@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 from sqlalchemy import select
 
-from . import events, jobs, limits, relay, tokens, usage
+from . import events, jobs, limits, relay, settings, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
@@ -51,6 +51,10 @@ def live_models(user_id: int) -> dict[str, int]:
     for worker in workers:
         for model in worker.models:
             models[model] = min(models.get(model, epoch(worker.created_at)), epoch(worker.created_at))
+    # An alias is live while the model it names is.
+    for alias, target in settings.aliases().items():
+        if target in models:
+            models.setdefault(alias, models[target])
     return models
 
 
@@ -92,11 +96,14 @@ def chat_completions():
     """Queue a chat request for a worker and relay its answer."""
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage = validate_chat(json_body())
-    model = worker_request["model"]
-    if key.allowed_models is not None and model not in key.allowed_models:
-        raise ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed", param="model")
+    asked = worker_request["model"]
+    # Workers see the model they advertise; the answer names it too, as OpenAI's answers
+    # name the dated model behind an alias.
+    model = worker_request["model"] = settings.aliases().get(asked, asked)
+    if key.allowed_models is not None and not {asked, model} & set(key.allowed_models):
+        raise ApiError(403, f"This API key may not use the model '{asked}'.", code="model_not_allowed", param="model")
     if model not in live_models(key.user_id):
-        raise not_found(model)
+        raise not_found(asked)
     prompt_tokens = tokens.count_prompt(worker_request["messages"])
     states: list[limits.WindowState] = []
 

@@ -1,4 +1,4 @@
-"""Sign in, sign out and change password, with throttled sign-in attempts."""
+"""Sign in, sign up, sign out and change password, with throttled sign-in attempts."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,7 +8,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from . import events
+from . import accounts, events, settings
 from .db import db
 from .extensions import login_manager
 from .models import User
@@ -29,7 +29,7 @@ def login():
     if current_user.is_authenticated:
         return redirect(url_for("dashboard.overview"))
     if request.method == "GET":
-        return render_template("login.html")
+        return render_template("login.html", signup=settings.get("public_signup"))
     email = request.form.get("email", "").strip().lower()
     password = request.form.get("password", "")
     window = dt.timedelta(seconds=current_app.config["SIGNIN_THROTTLE_WINDOW"])
@@ -45,6 +45,35 @@ def login():
         return render_template("login.html", email=email), 401
     login_user(user)
     return redirect(_safe_next(request.args.get("next")) or url_for("dashboard.overview"))
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup():
+    """Let someone make an account: anyone when the admin allows it, else with an invite."""
+    if current_user.is_authenticated:
+        return redirect(url_for("dashboard.overview"))
+    invite_secret = request.values.get("invite", "").strip()
+    invite = accounts.check_invite(invite_secret) if invite_secret else None
+    if invite is None and not settings.get("public_signup"):
+        message = ("This invite is used up or expired; ask for a new one." if invite_secret
+                   else "Sign-up is by invitation only on this site. Ask an administrator for an invite.")
+        return render_template("signup.html", closed=message), 403
+    if request.method == "GET":
+        return render_template("signup.html", invite=invite_secret, email=invite.email if invite else "")
+    email = request.form.get("email", "")
+    password = request.form.get("password", "")
+    if password != request.form.get("confirm", ""):
+        flash("The two passwords differ; type the same one twice.", "error")
+        return render_template("signup.html", invite=invite_secret, email=email), 400
+    try:
+        user = accounts.sign_up(email, password, invite_secret or None)
+    except ValueError as err:
+        flash(f"Could not create the account: {err}.", "error")
+        return render_template("signup.html", invite=invite_secret, email=email), 400
+    events.record("signup", user.email, "signed up with an invite" if invite else "signed up", user.id)
+    login_user(user)
+    flash("Welcome to Pollgate. Create an API key and a worker token to get started.", "info")
+    return redirect(url_for("dashboard.overview"))
 
 
 def _check_password(email: str, password: str):

@@ -15,6 +15,7 @@ from .models import ApiKey, Job, Usage, Worker, utcnow
 bp = Blueprint("dashboard", __name__)
 
 PERIODS = (("Last 24 hours", 1), ("Last 7 days", 7), ("Last 30 days", 30))  # label, days
+CHART_MODELS = 6
 
 
 @bp.get("/")
@@ -34,12 +35,31 @@ def overview():
     periods = [(PERIODS[0][0], last_hours(current_user.id, now)), (PERIODS[1][0], week["totals"]),
                (PERIODS[2][0], month["totals"])]
     days = [(today - dt.timedelta(days=29 - i)).isoformat() for i in range(30)]
-    empty = dict.fromkeys(usage.COUNTERS, 0)
-    series = [(day, month["daily"].get(day, empty)) for day in days]
     with db.read() as s:
         states = limits.account_states(s, current_user, now)
-    return render_template("overview.html", periods=periods, series=series, by_model=month["by_model"],
-                           states=states)
+    return render_template("overview.html", periods=periods, by_model=month["by_model"], states=states,
+                           requests=chart(days, month["daily_by_model"], ("requests",)),
+                           tokens=chart(days, month["daily_by_model"], ("prompt_tokens", "completion_tokens")))
+
+
+def chart(days: list[str], daily_by_model: dict, counters: tuple[str, ...]) -> dict:
+    """Lay out one stacked bar chart: a bar per day, a band per model, the busiest models first."""
+    totals: dict[str, int] = {}
+    for figures in daily_by_model.values():
+        for model, f in figures.items():
+            totals[model] = totals.get(model, 0) + sum(f[c] for c in counters)
+    ranked = sorted(totals, key=lambda m: (-totals[m], m))
+    # Past a handful of colours a legend stops being readable: the rest share one grey band.
+    shown = ranked if len(ranked) <= CHART_MODELS + 1 else ranked[:CHART_MODELS]
+    legend = shown + (["other models"] if len(shown) < len(ranked) else [])
+    bars = []
+    for day in days:
+        values = dict.fromkeys(legend, 0)
+        for model, f in daily_by_model.get(day, {}).items():
+            values[model if model in shown else "other models"] += sum(f[c] for c in counters)
+        bars.append((day, [(name, values[name]) for name in legend]))
+    top = max([sum(v for _, v in bands) for _, bands in bars] + [1])
+    return {"bars": bars, "legend": legend, "top": top}
 
 
 def last_hours(user_id: int, now: dt.datetime) -> dict[str, int]:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from flask import Flask, current_app
-from sqlalchemy import MetaData, create_engine, event, text
+from sqlalchemy import MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -85,6 +86,20 @@ def skip_locked_from_version(version: str) -> bool:
     if "mariadb" in version.lower():
         return numbers >= (10, 6)
     return numbers >= (8, 0, 1)
+
+
+def upsert_add(s: Session, table: Table, rows: list[dict[str, Any]], keys: Iterable[str], counters: Iterable[str]) -> None:
+    """Insert rows, or add their counters to the rows that already hold the same unique key."""
+    counters = list(counters)
+    if s.get_bind().dialect.name == "mysql":
+        stmt = mysql.insert(table).values(rows)
+        stmt = stmt.on_duplicate_key_update({c: table.c[c] + stmt.inserted[c] for c in counters})
+    else:
+        stmt = sqlite.insert(table).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters}
+        )
+    s.execute(stmt)
 
 
 class Database:

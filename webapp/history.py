@@ -1,13 +1,16 @@
 """The user's request history: filterable list and one request's detail."""
 from __future__ import annotations
 
+import datetime as dt
+
 from flask import Blueprint, abort, render_template, request
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
+from . import settings
 from .api import merge_deltas
 from .db import db
-from .models import ApiKey, Chunk, Job, Usage, Worker
+from .models import ApiKey, Chunk, Job, Usage, Worker, utcnow
 
 bp = Blueprint("history", __name__)
 
@@ -50,6 +53,10 @@ def request_detail(usage_id: int):
         if row is None or row.user_id != current_user.id:
             abort(404)
         job = s.get(Job, row.job_id) if row.job_id else None
+        # Past retention the content is as good as gone, even before the clean-up deletes it.
+        kept_since = utcnow() - dt.timedelta(hours=settings.get("retention_hours"))
+        if job is not None and job.finished_at is not None and job.finished_at < kept_since:
+            job = None
         worker = s.get(Worker, row.worker_id) if row.worker_id else None
         deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job.id).order_by(Chunk.seq))] if job else []
     answer = merge_deltas(deltas) if job else None

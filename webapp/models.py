@@ -270,6 +270,22 @@ class UsageDaily(Base):
     latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)  # sum, for averages
 
 
+class RateBucket(Base):
+    """Requests and tokens of one user or one key in one minute, so windows sum minutes, not rows."""
+
+    __tablename__ = "rate_buckets"
+
+    # The key is the primary key, so InnoDB stores a subject's minutes side by side and a
+    # day window reads one contiguous range.
+    subject: Mapped[str] = mapped_column(String(1), primary_key=True)  # "u" a user, "k" an API key
+    subject_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    minute: Mapped[dt.datetime] = mapped_column(DateTime, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The minute's first use, so a 429's Retry-After is exact, not a minute early or late.
+    first_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+
 class ModelPrice(Base):
     """What a model costs, in micro-dollars per million tokens."""
 
@@ -294,3 +310,38 @@ class Event(Base):
     user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Setting(Base):
+    """One admin setting (public sign-up, retention, held-request budget), stored as JSON."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value_json: Mapped[str] = mapped_column(Text)
+
+
+class Invite(Base):
+    """A one-time sign-up link an admin made; only the token's hash is kept."""
+
+    __tablename__ = "invites"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(191), default="")  # empty: any address
+    tier_id: Mapped[Optional[int]] = mapped_column(ForeignKey("tiers.id", ondelete="SET NULL"))
+    created_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    used_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
+    used_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+
+
+class ModelAlias(Base):
+    """A public model name that API callers use for a model workers advertise."""
+
+    __tablename__ = "model_aliases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alias: Mapped[str] = mapped_column(String(191), unique=True)
+    target: Mapped[str] = mapped_column(String(191))

@@ -5,11 +5,10 @@ import datetime as dt
 from typing import Any, Iterable, Optional
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.orm import Session
 
-from . import tokens
-from .db import db
+from . import limits, tokens
+from .db import db, upsert_add
 from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos", "latency_ms")
@@ -48,6 +47,9 @@ def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None) -> bool:
         if deltas is None or len(deltas) != job.next_seq:
             deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
         prompt, completion, source = job_tokens(job, deltas)
+        # Token windows counted the prompt at admission; add what changed since.
+        limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0,
+                      prompt + completion - usage.prompt_tokens - usage.completion_tokens)
         price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
         usage.status = job.state
         usage.error_code = job.error_code
@@ -76,7 +78,6 @@ def settle_pending(limit: int = 200) -> int:
 
 def _add_to_daily(s: Session, usage: Usage) -> None:
     """Add one settled request to its day's roll-up row, creating the row if needed."""
-    table = UsageDaily.__table__
     row = {
         "day": usage.created_at.date(),
         "user_id": usage.user_id,
@@ -89,16 +90,7 @@ def _add_to_daily(s: Session, usage: Usage) -> None:
         "cost_nanos": usage.cost_nanos,
         "latency_ms": usage.latency_ms or 0,
     }
-    if s.get_bind().dialect.name == "mysql":
-        stmt = mysql.insert(table).values(**row)
-        stmt = stmt.on_duplicate_key_update({c: table.c[c] + stmt.inserted[c] for c in COUNTERS})
-    else:
-        stmt = sqlite.insert(table).values(**row)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["day", "user_id", "api_key_id", "model"],
-            set_={c: table.c[c] + stmt.excluded[c] for c in COUNTERS},
-        )
-    s.execute(stmt)
+    upsert_add(s, UsageDaily.__table__, [row], ("day", "user_id", "api_key_id", "model"), COUNTERS)
 
 
 def summary(user_id: int, start: dt.date, end: dt.date) -> dict[str, Any]:
@@ -116,10 +108,12 @@ def summary(user_id: int, start: dt.date, end: dt.date) -> dict[str, Any]:
     totals = dict.fromkeys(COUNTERS, 0)
     by_model: dict[str, dict[str, int]] = {}
     daily: dict[str, dict[str, int]] = {}
+    daily_by_model: dict[str, dict[str, dict[str, int]]] = {}
     for day, model, *values in rows:
         figures = dict(zip(COUNTERS, (int(v or 0) for v in values)))
+        daily_by_model.setdefault(day.isoformat(), {})[model] = figures
         for bucket in (totals, by_model.setdefault(model, dict.fromkeys(COUNTERS, 0)),
                        daily.setdefault(day.isoformat(), dict.fromkeys(COUNTERS, 0))):
             for name, value in figures.items():
                 bucket[name] += value
-    return {"totals": totals, "by_model": by_model, "daily": daily}
+    return {"totals": totals, "by_model": by_model, "daily": daily, "daily_by_model": daily_by_model}
