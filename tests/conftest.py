@@ -1,7 +1,8 @@
 """Fixtures: an app on SQLite and on a throwaway MariaDB, a live HTTP server, accounts."""
 from __future__ import annotations
 
-import os
+import re
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -9,18 +10,20 @@ from typing import Iterator
 
 import openai
 import pytest
+from sqlalchemy import update
 from werkzeug.serving import make_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, missing
+
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mariadb import MariaDB  # noqa: E402
-
-from webapp import accounts, create_app, migrate  # noqa: E402
+from passenger import passenger_site  # noqa: E402,F401  (a fixture for every module)
+from webapp import accounts, create_app, migrate, settings  # noqa: E402
 from webapp.db import db  # noqa: E402
+from webapp.models import User  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+PASSWORD = "correct horse battery"  # every test account's
 
 # Short timings keep fault tests quick; production defaults are in webapp/config.py.
 TEST_CONFIG = {
@@ -37,13 +40,6 @@ TEST_CONFIG = {
     # limit tests give their users tiers.
     "DEFAULT_TIER": None,
 }
-
-
-def missing(reason: str) -> None:
-    """Skip loudly when a real part is missing; in CI a missing part is a failure."""
-    if IN_CI:
-        pytest.fail(f"{reason} -- CI must provide it", pytrace=False)
-    pytest.skip(f"MISSING PART, NOT TESTED: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +70,8 @@ def make_app(db_url: str, instance: str, **overrides):
     app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url, **overrides}, instance_path=instance)
     with app.app_context():
         migrate.upgrade()
+        # No held-request budget unless a test sets one: many tests hold many requests.
+        settings.save({"max_long_polls": 0, "max_streams": 0})
     return app
 
 
@@ -104,10 +102,32 @@ class Account:
 def make_account(app, email: str = "alice@example.com", shared: bool = False) -> Account:
     """Create a user with a key and a worker token."""
     with app.app_context():
-        user = accounts.create_user(email, "correct horse battery")
+        user = accounts.create_user(email, PASSWORD)
         key = accounts.create_api_key(user.id, "test")
         token = accounts.create_worker_token(user.id, f"worker-of-{email}", shared=shared)
     return Account(email, user.id, key, token)
+
+
+def csrf(page) -> str:
+    """Read the CSRF token out of a page."""
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+
+
+def sign_in(client, email, password=PASSWORD):
+    """Sign a test client in through the real form."""
+    token = csrf(client.get("/login"))
+    return client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+
+
+@pytest.fixture
+def admin(app):
+    """A signed-in administrator's test client and account."""
+    account = make_account(app, "root@example.com")
+    with app.app_context(), db.begin() as s:
+        s.execute(update(User).where(User.id == account.user_id).values(is_admin=True))
+    client = app.test_client()
+    assert sign_in(client, account.email).status_code == 302
+    return client, account
 
 
 @pytest.fixture
@@ -158,3 +178,31 @@ def read_until_error(stream, act_at: int = 0, action=None) -> tuple[str, openai.
             if action is not None and len(received) == act_at:
                 action()
     return "".join(received), err.value
+
+
+# Chromium on a machine with no outside network: keep it from trying to phone home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def expect(locator):
+    """Playwright's waiting assertions (imported late: the package may be missing)."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Start Debian's Chromium once for these tests."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing("Chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

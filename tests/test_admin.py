@@ -5,28 +5,16 @@ import re
 
 import pytest
 import requests
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from conftest import make_account
+from conftest import csrf, make_account, sign_in
 from protocol import ProtoWorker, WorkerThread
-from test_dashboard import csrf, sign_in
 from webapp import jobs
 from webapp.db import db
 from webapp.models import Job, Tier, Usage, User
 
 PROMPT = [{"role": "user", "content": "hello admin"}]
 ADMIN_PAGES = ["/admin/", "/admin/users", "/admin/prices", "/admin/events", "/admin/settings"]
-
-
-@pytest.fixture
-def admin(app):
-    """A signed-in administrator's test client and account."""
-    account = make_account(app, "root@example.com")
-    with app.app_context(), db.begin() as s:
-        s.execute(update(User).where(User.id == account.user_id).values(is_admin=True))
-    client = app.test_client()
-    assert sign_in(client, account.email).status_code == 302
-    return client, account
 
 
 def ask(live, key):
@@ -136,7 +124,8 @@ def test_sign_up_is_closed_until_the_admin_opens_it(app, admin):
                                           "confirm": "long enough pw", "csrf_token": "nope"}).status_code in (400, 403)
     assert "Create an account" not in stranger.get("/login").text
     r = client.post("/admin/settings", data={"csrf_token": csrf(client.get("/admin/settings")),
-                                             "public_signup": "1", "retention_hours": "48"})
+                                             "public_signup": "1", "retention_hours": "48",
+                                             "max_long_polls": "4", "max_streams": "10"})
     assert r.status_code == 302
     assert "Create an account" in stranger.get("/login").text
     form = stranger.get("/signup")
@@ -152,6 +141,11 @@ def test_sign_up_is_closed_until_the_admin_opens_it(app, admin):
     bad = client.post("/admin/settings", data={"csrf_token": csrf(client.get("/admin/settings")),
                                                "retention_hours": "-3"}, follow_redirects=True)
     assert "whole number of hours" in bad.text
+    capped = client.post("/admin/settings", data={"csrf_token": csrf(client.get("/admin/settings")),
+                                                  "retention_hours": "24", "max_long_polls": "2", "max_streams": "x"},
+                         follow_redirects=True)
+    assert "Open API requests must be a whole number" in capped.text
+    assert 'value="48"' in client.get("/admin/settings").text  # nothing half-saved
 
 
 def test_an_invite_makes_one_account_in_its_tier(app, admin):
@@ -203,3 +197,12 @@ def test_an_alias_serves_the_model_it_stands_for(app, admin, live):
     client.post("/admin/aliases", data={"csrf_token": token, "alias": "gpt-4o-mini", "target": ""})
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
+
+
+def test_every_admin_page_renders_with_a_plain_title(app, admin):
+    client, _ = admin
+    for path in ADMIN_PAGES:
+        page = client.get(path)
+        title = re.search(r"<title>(.*?)</title>", page.text, re.S).group(1)
+        assert page.status_code == 200 and "<" not in title and title.endswith("Pollgate"), (path, title)
+        assert page.text.count("<h1>") == 1, path

@@ -1,42 +1,11 @@
 """The dashboard in real headless Chromium (Debian's), driven by Playwright."""
 from __future__ import annotations
 
-import shutil
-
 import openai
 import pytest
 
-from conftest import missing
+from conftest import PASSWORD, expect
 from protocol import WorkerThread
-
-PASSWORD = "correct horse battery"  # make_account's
-# Chromium on a machine with no outside network: keep it from trying to phone home.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-def expect(locator):
-    """Playwright's waiting assertions (imported late: the package may be missing)."""
-    from playwright.sync_api import expect as playwright_expect
-
-    return playwright_expect(locator)
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Start Debian's Chromium once for these tests."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing("Chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def page(chromium, live):

@@ -69,3 +69,13 @@ def test_create_user_in_a_tier(app):
     with app.app_context(), db.read() as s:
         tier = s.scalar(text("SELECT t.name FROM users u JOIN tiers t ON t.id = u.tier_id WHERE u.email = 'pro@example.com'"))
     assert tier == "premium"
+
+
+def test_cli_shows_and_sets_settings(app):
+    shown = run(app, "setting").output
+    assert "max_streams = 0" in shown and "public_signup = false" in shown  # the suite's defaults
+    assert run(app, "setting", "max_streams", "6").output.strip() == "max_streams = 6"
+    assert run(app, "setting", "max_streams").output.strip() == "6"
+    for bad in (("nope", "1"), ("max_streams", "-1"), ("max_streams", "lots"), ("public_signup", "3")):
+        result = run(app, "setting", *bad)
+        assert result.exit_code != 0 and "Error:" in result.output and "Traceback" not in result.output

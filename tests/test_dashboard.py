@@ -8,22 +8,12 @@ import pytest
 import requests
 from sqlalchemy import func, select, update
 
-from conftest import make_account
+from conftest import PASSWORD, csrf, make_account, sign_in
 from protocol import WorkerThread
 from webapp import settings, usage
 from webapp.db import db
 from webapp.models import ApiKey, Event, Job, Usage, Worker
 
-PASSWORD = "correct horse battery"  # make_account's
-
-
-def csrf(page) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-
-
-def sign_in(client, email, password=PASSWORD):
-    token = csrf(client.get("/login"))
-    return client.post("/login", data={"email": email, "password": password, "csrf_token": token})
 
 
 @pytest.fixture

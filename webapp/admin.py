@@ -4,11 +4,11 @@ from __future__ import annotations
 import datetime as dt
 from functools import wraps
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import func, select, update
 
-from . import accounts, events, jobs, settings
+from . import accounts, budget, events, jobs, migrate, settings
 from .dashboard import worker_state
 from .db import db
 from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
@@ -54,7 +54,7 @@ def queue():
             entry["oldest"] = round((now - oldest).total_seconds(), 1)
     states = {w.id: worker_state(w, busy.get(w.id, 0)) for w in workers}
     return render_template("admin/queue.html", models=models, jobs=running, workers=workers, states=states,
-                           owners=owners, now=now)
+                           owners=owners, now=now, held=budget.in_use(), kinds=budget.KINDS)
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -205,20 +205,66 @@ def set_alias():
     return redirect(url_for("admin.prices"))
 
 
+# Whole-number settings: (form field, lowest, highest, what to say when out of range).
+NUMBERS = (
+    ("retention_hours", 0, 24 * 365, "Retention must be a whole number of hours from 0 to 8760."),
+    ("max_long_polls", 0, 1000, "Long-polls held at once must be a whole number from 0 (no cap) to 1000."),
+    ("max_streams", 0, 1000, "Open API requests must be a whole number from 0 (no cap) to 1000."),
+)
+
+
 @bp.route("/settings", methods=["GET", "POST"])
 @admin_required
 def site_settings():
-    """Show and change the site's settings: public sign-up and how long content is kept."""
+    """Show and change the site's settings: sign-up, retention and the held-request budget."""
     if request.method == "POST":
-        hours = request.form.get("retention_hours", "").strip()
-        if not hours.isdigit() or int(hours) > 24 * 365:
-            flash("Retention must be a whole number of hours from 0 to 8760.", "error")
-            return redirect(url_for("admin.site_settings"))
-        settings.save({"public_signup": request.form.get("public_signup") == "1", "retention_hours": int(hours)})
+        values: dict = {"public_signup": request.form.get("public_signup") == "1"}
+        for field, low, high, message in NUMBERS:
+            raw = request.form.get(field, "").strip()
+            if not raw.isdigit() or not low <= int(raw) <= high:
+                flash(message, "error")
+                return redirect(url_for("admin.site_settings"))
+            values[field] = int(raw)
+        settings.save(values)
         events.record("settings_changed", current_user.email, "site settings changed", current_user.id)
         flash("The settings are saved.", "info")
         return redirect(url_for("admin.site_settings"))
-    return render_template("admin/settings.html", settings=settings.all_settings())
+    return render_template("admin/settings.html", settings=settings.all_settings(), held=budget.in_use())
+
+
+@bp.route("/upgrade", methods=["GET", "POST"])
+@admin_required
+def upgrade():
+    """List migrations a newly uploaded version brings, and apply them with one click."""
+    if request.method == "POST":
+        try:
+            migrate.upgrade()
+        except RuntimeError as err:
+            flash(f"The migrations did not run: {err}", "error")
+            return redirect(url_for("admin.upgrade"))
+        current_app.extensions["pollgate.pending"] = []
+        events.record("upgraded", current_user.email, "database migrations applied", current_user.id)
+        flash("The database is up to date.", "info")
+        return redirect(url_for("admin.upgrade"))
+    return render_template("admin/upgrade.html", pending=pending_migrations())
+
+
+def pending_migrations() -> list[str]:
+    """Return the migrations not yet applied, looked up once per process (an upload restarts it)."""
+    ext = current_app.extensions
+    if "pollgate.pending" not in ext:
+        ext["pollgate.pending"] = migrate.pending()
+    return ext["pollgate.pending"]
+
+
+@bp.before_app_request
+def lead_admins_to_upgrade():
+    """After a new version is uploaded, send administrators to the upgrade page first."""
+    if request.blueprint in ("api", "worker_api", "admin") or request.endpoint in (None, "static", "auth.logout"):
+        return None
+    if current_user.is_authenticated and current_user.is_admin and pending_migrations():
+        return redirect(url_for("admin.upgrade"))
+    return None
 
 
 @bp.post("/invites")

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 from sqlalchemy import select
 
-from . import events, jobs, limits, relay, settings, tokens, usage
+from . import budget, events, jobs, limits, relay, settings, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
@@ -110,37 +110,48 @@ def chat_completions():
     def admit(s, job, now):
         states.extend(limits.admit(s, key, job, prompt_tokens, now))
 
-    try:
-        job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
-    except ApiError as err:
-        # Logged after the refused transaction rolled back, so the log entry stays.
-        events.record("rate_limited", key.user.email, err.message, key.user_id)
-        raise
-    rate_headers = limits.headers(states)
-    after_this_request(lambda response: add_headers(response, rate_headers))
     cfg = current_app.config
-    # Wait for the first output before answering, so a worker that fails at once gives the
-    # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
+    # Each request holds a process until it ends (a Passenger process serves one at a
+    # time), so past the budget it is turned away before anything is queued. A job ends
+    # by its deadline, so the slot lapses by then even if this process dies.
+    hold = budget.acquire_or_refuse("streams", cfg["JOB_TIMEOUT"] + 30)
+    streaming = False
     try:
-        job = relay.wait_for_start(job.id, cfg["HEARTBEAT_INTERVAL"] if stream else cfg["JOB_TIMEOUT"])
-    except BaseException:
-        # The caller will never read this job's answer: do not let a worker produce it.
-        jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
-        usage.settle(job.id)
-        raise
-    if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
-        usage.settle(job.id)
-        raise relay.job_error(job)
-    if stream:
-        return Response(
-            stream_with_context(sse_stream(job, include_usage)),
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
-        )
-    try:
-        return jsonify(collect(job))
+        try:
+            job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
+        except ApiError as err:
+            if err.code != "gateway_busy":
+                # Logged after the refused transaction rolled back, so the log entry stays.
+                events.record("rate_limited", key.user.email, err.message, key.user_id)
+            raise
+        rate_headers = limits.headers(states)
+        after_this_request(lambda response: add_headers(response, rate_headers))
+        # Wait for the first output before answering, so a worker that fails at once gives the
+        # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
+        try:
+            job = relay.wait_for_start(job.id, cfg["HEARTBEAT_INTERVAL"] if stream else cfg["JOB_TIMEOUT"])
+        except BaseException:
+            # The caller will never read this job's answer: do not let a worker produce it.
+            jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
+            usage.settle(job.id)
+            raise
+        if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
+            usage.settle(job.id)
+            raise relay.job_error(job)
+        if stream:
+            streaming = True  # the stream gives the slot back when it ends
+            return Response(
+                stream_with_context(sse_stream(job, include_usage, hold)),
+                mimetype="text/event-stream",
+                headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
+            )
+        try:
+            return jsonify(collect(job))
+        finally:
+            usage.settle(job.id)
     finally:
-        usage.settle(job.id)
+        if not streaming:
+            budget.release(hold)
 
 
 def add_headers(response: Response, headers: dict[str, str]) -> Response:
@@ -166,7 +177,7 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def sse_stream(job: Job, include_usage: bool) -> Iterator[str]:
+def sse_stream(job: Job, include_usage: bool, hold: int = 0) -> Iterator[str]:
     """Relay a job as OpenAI's event stream; a client that leaves cancels the job."""
     # The role chunk goes out at once: Passenger sends no headers before the first bytes.
     yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
@@ -199,6 +210,7 @@ def sse_stream(job: Job, include_usage: bool) -> Iterator[str]:
             jobs.cancel_job(job.id, "client_gone", "The client disconnected.")
         # Accounted even when abandoned: what the worker produced so far is counted.
         usage.settle(job.id, deltas if finished else None)
+        budget.release(hold)
 
 
 def collect(job: Job) -> dict[str, Any]:

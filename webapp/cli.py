@@ -1,12 +1,13 @@
-"""Flask CLI commands: migrate, create users, keys and worker tokens, reap, run the demo."""
+"""Flask CLI commands: migrate, create users, keys and worker tokens, reap, settings, run the demo."""
 from __future__ import annotations
+
+import json
 
 import click
 from flask.cli import with_appcontext
 from flask import Flask
 
-from . import accounts, jobs, migrate
-from .usage import settle_pending
+from . import accounts, maintenance, migrate, settings
 
 
 def _user_id(email: str) -> int:
@@ -69,14 +70,38 @@ def create_worker_token(email: str, name: str, shared: bool) -> None:
 @with_appcontext
 def reap() -> None:
     """Re-queue or fail lost jobs, expire late ones, and account requests that ended."""
-    counts = jobs.reap_expired()
-    counts["settled"] = settle_pending()
+    counts = maintenance.reap()
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@click.command("setting")
+@with_appcontext
+@click.argument("name", required=False)
+@click.argument("value", required=False)
+def setting(name: str | None, value: str | None) -> None:
+    """Show the admin settings, or set one: setting max_streams 0 (values are JSON: 0, true, 24)."""
+    if name is None:
+        for key, current in settings.all_settings().items():
+            click.echo(f"{key} = {json.dumps(current)}")
+        return
+    if name not in settings.DEFAULTS:
+        raise click.ClickException(f"no setting {name!r}; settings: {', '.join(settings.DEFAULTS)}")
+    if value is None:
+        click.echo(json.dumps(settings.get(name)))
+        return
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise click.ClickException(f"{value!r} is not a JSON value (try 0, 24, true or false)") from None
+    if type(parsed) is not type(settings.DEFAULTS[name]) or (isinstance(parsed, int) and parsed < 0):
+        raise click.ClickException(f"{name} takes a value like {json.dumps(settings.DEFAULTS[name])}")
+    settings.save({name: parsed})
+    click.echo(f"{name} = {json.dumps(parsed)}")
 
 
 def init_app(app: Flask) -> None:
     """Register the commands on the app."""
     from .demo import demo
 
-    for command in (db_upgrade, create_user, create_key, create_worker_token, reap, demo):
+    for command in (db_upgrade, create_user, create_key, create_worker_token, reap, setting, demo):
         app.cli.add_command(command)

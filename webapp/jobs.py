@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import random
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,11 +17,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from . import events, wake
-from .usage import settle_pending
 from .db import db
 from .models import Chunk, Job, Worker, utcnow
 
-_last_reap = {"at": 0.0}
 
 
 def _seconds(name: str) -> dt.timedelta:
@@ -378,11 +375,3 @@ def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional
                   f"job {job_id} {'queued again' if outcome == 'requeued' else 'failed'}: its lease lapsed")
     return outcome
 
-
-def reap_if_due() -> None:
-    """Reap lazily from the request path, at most every REAP_INTERVAL seconds per process."""
-    now = time.monotonic()
-    if now - _last_reap["at"] >= current_app.config["REAP_INTERVAL"]:
-        _last_reap["at"] = now
-        reap_expired()
-        settle_pending()

@@ -345,3 +345,16 @@ class ModelAlias(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     alias: Mapped[str] = mapped_column(String(191), unique=True)
     target: Mapped[str] = mapped_column(String(191))
+
+
+class HeldRequest(Base):
+    """One open long-poll or API request, counted against the held-request budget."""
+
+    __tablename__ = "held_requests"
+    __table_args__ = (Index("ix_held_kind_expiry", "kind", "expires_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "long_polls" or "streams"
+    # A process that dies mid-request never releases its slot; the slot lapses here instead.
+    expires_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

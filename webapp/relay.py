@@ -6,7 +6,7 @@ from typing import Iterator, Optional, Union
 
 from flask import current_app
 
-from . import jobs, wake
+from . import jobs, maintenance, wake
 from .errors import ApiError
 from .models import TERMINAL, Chunk, Job, utcnow
 
@@ -43,7 +43,7 @@ def wait_for_start(job_id: int, patience: float) -> Job:
             continue
         if job.state == "running" and waited >= patience:
             return job
-        jobs.reap_if_due()
+        maintenance.housekeep()
         limit = cfg["DISPATCH_TIMEOUT"] if job.state == "queued" else patience
         wake.wait(topic, since, min(cfg["WAKE_RECHECK"], max(0.0, limit - waited)))
 
@@ -70,7 +70,7 @@ def follow(job_id: int) -> Iterator[Event]:
         if utcnow() >= job.deadline_at:
             jobs.expire_job(job_id)
             continue
-        jobs.reap_if_due()
+        maintenance.housekeep()
         quiet = time.monotonic() - last_sent
         timeout = min(cfg["WAKE_RECHECK"], max(0.0, cfg["HEARTBEAT_INTERVAL"] - quiet))
         if not wake.wait(topic, since, timeout) and quiet + timeout >= cfg["HEARTBEAT_INTERVAL"]:

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import update
 
-from . import jobs, wake
+from . import budget, jobs, maintenance, wake
 from .accounts import authenticate_worker
 from .api import json_body
 from .db import db
@@ -96,15 +96,21 @@ def claim():
     wake.ring(me)
     mine = wake.stamp(me)
     superseded = False
-    while True:
-        since = wake.stamp("jobs")
-        superseded = wake.stamp(me) != mine
-        claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"])
-        left = end - time.monotonic()
-        if claimed or superseded or left <= 0:
-            break
-        jobs.reap_if_due()
-        wake.wait_any({"jobs": since, me: mine}, min(cfg["WAKE_RECHECK"], left))
+    hold = None  # a slot of the held-request budget, taken only once the poll has to wait
+    try:
+        while True:
+            since = wake.stamp("jobs")
+            superseded = wake.stamp(me) != mine
+            claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"])
+            left = end - time.monotonic()
+            if claimed or superseded or left <= 0:
+                break
+            if hold is None:
+                hold = budget.acquire_or_refuse("long_polls", left + cfg["WAKE_RECHECK"] + 5)
+            maintenance.housekeep()
+            wake.wait_any({"jobs": since, me: mine}, min(cfg["WAKE_RECHECK"], left))
+    finally:
+        budget.release(hold)
     body: dict[str, Any] = {"worker": {"id": worker.id, "name": worker.name}, "jobs": [job_payload(j) for j in claimed]}
     if superseded:
         body["superseded"] = True

@@ -1,0 +1,14 @@
+"""Phusion Passenger's entry point: cPanel's "Setup Python App" serves `application` from here.
+
+Until the installer has written instance/pollgate.cfg this serves the web installer; from
+then on, the app (gunicorn nodes use it too: gunicorn passenger_wsgi:application).
+"""
+import os
+import sys
+
+# Passenger starts Python in the app root but does not put it on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from webapp.install_views import SiteSwitch  # noqa: E402
+
+application = SiteSwitch()

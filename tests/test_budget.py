@@ -1,0 +1,90 @@
+"""The held-request budget: past its caps, long-polls and API requests are turned away at once."""
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+
+from protocol import ProtoWorker
+from webapp import accounts, budget, settings
+from webapp.db import db
+from webapp.models import Job, Usage
+from sqlalchemy import func, select
+
+
+def held(app, kind: str) -> int:
+    with app.app_context():
+        return budget.in_use()[kind][0]
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_budget_of_two_long_polls_answers_the_third_at_once(app, account, live, admin):
+    client, _ = admin
+    with app.app_context():
+        settings.save({"max_long_polls": 2})
+        tokens = [accounts.create_worker_token(account.user_id, f"w{i}") for i in range(3)]
+    polls = [threading.Thread(target=ProtoWorker(live.url, t).claim, kwargs={"wait": 3}) for t in tokens[:2]]
+    for poll in polls:
+        poll.start()
+    wait_for(lambda: held(app, "long_polls") == 2)
+    assert 'data-held="long_polls"><td>worker long-polls</td><td class="used">2<' in client.get("/admin/").text
+    started = time.monotonic()
+    third = ProtoWorker(live.url, tokens[2]).post("claim", {"models": ["echo"], "wait": 3})
+    assert third.status_code == 429 and time.monotonic() - started < 2
+    assert third.headers["Retry-After"] == "10" and third.json()["error"]["code"] == "gateway_busy"
+    assert "worker long-polls" in third.json()["error"]["message"]
+    # A claim that does not wait holds nothing and still gets through.
+    assert ProtoWorker(live.url, tokens[2]).post("claim", {"models": ["echo"], "wait": 0}).status_code == 200
+    for poll in polls:
+        poll.join()
+    assert held(app, "long_polls") == 0  # handed back as each poll ended
+    assert ProtoWorker(live.url, tokens[2]).post("claim", {"models": ["echo"], "wait": 0.2}).status_code == 200
+
+
+def test_a_budget_of_two_streams_answers_the_third_with_503(app, account, live):
+    with app.app_context():
+        settings.save({"max_streams": 2})
+    ProtoWorker(live.url, account.token).claim(wait=0)  # the model is live, but nobody serves it
+    api = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+    prompt = [{"role": "user", "content": "hold on"}]
+
+    def hold_one():
+        with pytest.raises(openai.APIError):  # no worker picks it up within DISPATCH_TIMEOUT
+            list(api.chat.completions.create(model="echo", messages=prompt, stream=True))
+
+    holders = [threading.Thread(target=hold_one) for _ in range(2)]
+    for holder in holders:
+        holder.start()
+    wait_for(lambda: held(app, "streams") == 2)
+    with app.app_context(), db.read() as s:
+        jobs_before = s.scalar(select(func.count()).select_from(Job))
+    with pytest.raises(openai.InternalServerError) as refused:
+        api.chat.completions.create(model="echo", messages=prompt, stream=True)
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "3"
+    assert refused.value.code == "gateway_busy"
+    with app.app_context(), db.read() as s:
+        # Refused before anything was queued or counted.
+        assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
+        assert s.scalar(select(func.count()).select_from(Usage)) == jobs_before
+    for holder in holders:
+        holder.join()
+    assert held(app, "streams") == 0
+
+
+def test_a_slot_of_a_dead_process_lapses(app):
+    with app.app_context():
+        settings.save({"max_long_polls": 1})
+        assert budget.acquire("long_polls", ttl=0.2)
+        assert budget.acquire("long_polls", ttl=0.2) is None
+        time.sleep(0.3)
+        assert budget.acquire("long_polls", ttl=5)
+        settings.save({"max_long_polls": 0})
+        assert budget.acquire("long_polls", ttl=5) == 0  # no cap: nothing to count

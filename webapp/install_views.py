@@ -1,0 +1,129 @@
+"""The web installer, served in place of the app until the site is installed, then never again."""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from typing import Callable, Optional
+
+from flask import Flask, abort, flash, redirect, render_template, request, url_for
+
+from . import installer
+from .extensions import csrf
+
+
+def create_installer_app(instance_path: str) -> Flask:
+    """Build the small app that runs the installer pages."""
+    app = Flask(__name__, instance_path=instance_path)
+    # Every process must check the same CSRF tokens, so the key lives in a file.
+    app.config["SECRET_KEY"] = _installer_secret(instance_path)
+    app.config["WTF_CSRF_TIME_LIMIT"] = None
+    csrf.init_app(app)
+    from . import security_headers
+
+    app.after_request(security_headers)
+
+    @app.before_request
+    def locked():
+        # Once installed the installer answers nothing: it cannot be used to take over the site.
+        if installer.installed(instance_path):
+            abort(404)
+
+    @app.get("/")
+    def start():
+        return redirect(url_for("form"))
+
+    @app.get("/install")
+    def form():
+        """Show the environment checks and the installation form."""
+        return render_template("install.html", checks=installer.environment_checks(instance_path),
+                               db_checks=None, values=_defaults())
+
+    @app.post("/install/test")
+    def test_connection():
+        """Check the database the form describes, without saving anything."""
+        values = request.form.to_dict()
+        try:
+            url = _database_url(values, instance_path)
+        except installer.InstallError as err:
+            flash(str(err), "error")
+            return render_template("install.html", checks=installer.environment_checks(instance_path),
+                                   db_checks=None, values=values), 400
+        return render_template("install.html", checks=installer.environment_checks(instance_path),
+                               db_checks=installer.database_checks(url), values=values)
+
+    @app.post("/install")
+    def run():
+        """Install: migrate, create the admin, write the config; then show the next steps."""
+        values = request.form.to_dict()
+        try:
+            answers = installer.Answers(_database_url(values, instance_path), values.get("site_url", "").strip(),
+                                        values.get("admin_email", "").strip(), values.get("admin_password", ""))
+            if answers.admin_password != values.get("admin_password2", ""):
+                raise installer.InstallError("The two administrator passwords differ.")
+            installer.install(instance_path, answers)
+        except installer.InstallError as err:
+            flash(str(err), "error")
+            return render_template("install.html", checks=installer.environment_checks(instance_path),
+                                   db_checks=None, values=values), 400
+        # The next request of this process goes to the real app; this page is the last.
+        return render_template("install_done.html", cron=installer.cron_lines(), admin_email=answers.admin_email,
+                               site_url=answers.site_url or request.url_root.rstrip("/"))
+
+    return app
+
+
+def _defaults() -> dict:
+    return {"engine": "mysql", "db_host": "localhost", "db_port": "3306", "site_url": request.url_root.rstrip("/")}
+
+
+def _database_url(values: dict, instance_path: str) -> str:
+    if values.get("engine") == "sqlite":
+        return installer.sqlite_url(instance_path)
+    return installer.mysql_url(values.get("db_host", ""), values.get("db_port", ""), values.get("db_name", ""),
+                               values.get("db_user", ""), values.get("db_password", ""))
+
+
+def _installer_secret(instance_path: str) -> str:
+    path = os.path.join(instance_path, "installer-secret")
+    os.makedirs(instance_path, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as handle:
+            return handle.read().strip()
+    with os.fdopen(fd, "w") as handle:
+        secret = secrets.token_hex(32)
+        handle.write(secret)
+    return secret
+
+
+class SiteSwitch:
+    """The WSGI entry point: the installer until the config file exists, then the real app."""
+
+    def __init__(self, instance_path: Optional[str] = None, make_app: Optional[Callable[[], Flask]] = None) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.instance_path = instance_path or os.environ.get("POLLGATE_INSTANCE_PATH") or os.path.join(root, "instance")
+        self.make_app = make_app
+        self.app: Optional[Flask] = None
+        self.installer: Optional[Flask] = None
+        self.lock = threading.Lock()
+
+    def configured(self) -> bool:
+        """Tell whether the app can run: installed here, or given a database by the environment."""
+        return installer.installed(self.instance_path) or bool(os.environ.get("DATABASE_URL"))
+
+    def __call__(self, environ, start_response):
+        if self.app is None:
+            with self.lock:
+                if self.app is None and self.configured():
+                    from . import create_app
+
+                    self.app = (self.make_app or (lambda: create_app(instance_path=self.instance_path)))()
+                    self.installer = None
+                elif self.app is None and self.installer is None:
+                    self.installer = create_installer_app(self.instance_path)
+            if self.app is None:
+                return self.installer(environ, start_response)
+        return self.app(environ, start_response)
+

