@@ -19,6 +19,11 @@ def held(app, kind: str) -> int:
         return budget.in_use()[kind][0]
 
 
+def count(app, model) -> int:
+    with app.app_context(), db.read() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
 def wait_for(condition, timeout: float = 10) -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -63,9 +68,8 @@ def test_a_budget_of_two_streams_answers_the_third_with_503(app, account, live):
     holders = [threading.Thread(target=hold_one) for _ in range(2)]
     for holder in holders:
         holder.start()
-    wait_for(lambda: held(app, "streams") == 2)
-    with app.app_context(), db.read() as s:
-        jobs_before = s.scalar(select(func.count()).select_from(Job))
+    wait_for(lambda: held(app, "streams") == 2 and count(app, Job) == 2)  # both holders queued their job
+    jobs_before = 2
     with pytest.raises(openai.InternalServerError) as refused:
         api.chat.completions.create(model="echo", messages=prompt, stream=True)
     assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "3"
