@@ -40,9 +40,11 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     login_manager.init_app(app)
     csrf.init_app(app)
 
-    from . import admin, api, auth_views, dashboard, history, worker_api
+    from . import admin, api, auth_views, browser_worker, dashboard, history, images, worker_api
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(images.bp)
+    app.register_blueprint(browser_worker.bp)
     app.register_blueprint(worker_api.bp)
     app.register_blueprint(auth_views.bp)
     app.register_blueprint(dashboard.bp)
@@ -51,6 +53,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     # The API and the worker protocol authenticate with bearer tokens, never cookies,
     # so a cross-site form cannot ride on them: CSRF tokens are for the pages.
     csrf.exempt(api.bp)
+    csrf.exempt(images.bp)
     csrf.exempt(worker_api.bp)
     app.after_request(security_headers)
 

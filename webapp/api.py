@@ -17,6 +17,9 @@ from .validation import validate_chat
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
+# A worker in one of these states has said it cannot take jobs now.
+NOT_SERVING = ("paused", "needs_human", "error")
+
 
 def epoch(moment: dt.datetime) -> int:
     """Return a naive-UTC datetime as Unix seconds."""
@@ -36,20 +39,23 @@ def json_body() -> Any:
     return body
 
 
-def live_models(user_id: int) -> dict[str, int]:
-    """Map each model a live worker visible to this user advertises to when it was first seen."""
+def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
+    """Map each model of this kind ("chat", "image" or "any") that a live, ready worker visible
+    to this user advertises to when it was first seen."""
     since = utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
     with db.read() as s:
         workers = s.scalars(
             select(Worker).where(
                 Worker.revoked_at.is_(None),
                 Worker.last_seen_at > since,
+                Worker.status.notin_(NOT_SERVING),
                 (Worker.user_id == user_id) | Worker.shared,
             )
         ).all()
     models: dict[str, int] = {}
     for worker in workers:
-        for model in worker.models:
+        offered = {"chat": worker.models, "image": worker.image_models}.get(kind, worker.models + worker.image_models)
+        for model in offered:
             models[model] = min(models.get(model, epoch(worker.created_at)), epoch(worker.created_at))
     # An alias is live while the model it names is.
     for alias, target in settings.aliases().items():
@@ -67,7 +73,7 @@ def model_object(model_id: str, created: int) -> dict[str, Any]:
 def list_models():
     """List the models that live workers advertise to this key's user."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    models = live_models(key.user_id)
+    models = live_models(key.user_id, "any")
     return jsonify({"object": "list", "data": [model_object(m, c) for m, c in sorted(models.items())]})
 
 
@@ -75,7 +81,7 @@ def list_models():
 def get_model(model_id: str):
     """Describe one live model, or 404."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    models = live_models(key.user_id)
+    models = live_models(key.user_id, "any")
     if model_id not in models:
         raise not_found(model_id)
     return jsonify(model_object(model_id, models[model_id]))
@@ -91,41 +97,58 @@ def not_found(model: str) -> ApiError:
     )
 
 
-@bp.post("/chat/completions")
-def chat_completions():
-    """Queue a chat request for a worker and relay its answer."""
-    key = authenticate_api_key(request.headers.get("Authorization"))
-    worker_request, stream, include_usage = validate_chat(json_body())
-    asked = worker_request["model"]
+def resolve_model(key, asked: str, kind: str = "chat") -> str:
+    """Return the advertised model behind the name a caller asked for, or raise 403 / 404."""
     # Workers see the model they advertise; the answer names it too, as OpenAI's answers
     # name the dated model behind an alias.
-    model = worker_request["model"] = settings.aliases().get(asked, asked)
+    model = settings.aliases().get(asked, asked)
     if key.allowed_models is not None and not {asked, model} & set(key.allowed_models):
         raise ApiError(403, f"This API key may not use the model '{asked}'.", code="model_not_allowed", param="model")
-    if model not in live_models(key.user_id):
+    if model not in live_models(key.user_id, kind):
         raise not_found(asked)
-    prompt_tokens = tokens.count_prompt(worker_request["messages"])
+    return model
+
+
+def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
+              kind: str = "chat") -> Job:
+    """Admit a job against the caller's limits, queue it, and put the rate-limit headers on the answer."""
     states: list[limits.WindowState] = []
 
     def admit(s, job, now):
         states.extend(limits.admit(s, key, job, prompt_tokens, now))
 
+    try:
+        job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit)
+    except ApiError as err:
+        # Logged after the refused transaction rolled back, so the log entry stays.
+        events.record("rate_limited", key.user.email, err.message, key.user_id)
+        raise
+    rate_headers = limits.headers(states)
+    after_this_request(lambda response: add_headers(response, rate_headers))
+    return job
+
+
+def hold_slot() -> int:
+    """Take a held-request slot for one API request, or refuse it before anything is queued.
+
+    Each request holds a process until it ends (a Passenger process serves one at a
+    time). A job ends by its deadline, so the slot lapses by then even if this process dies.
+    """
+    return budget.acquire_or_refuse("streams", current_app.config["JOB_TIMEOUT"] + 30)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    """Queue a chat request for a worker and relay its answer."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    worker_request, stream, include_usage = validate_chat(json_body())
+    model = worker_request["model"] = resolve_model(key, worker_request["model"])
+    prompt_tokens = tokens.count_prompt(worker_request["messages"])
     cfg = current_app.config
-    # Each request holds a process until it ends (a Passenger process serves one at a
-    # time), so past the budget it is turned away before anything is queued. A job ends
-    # by its deadline, so the slot lapses by then even if this process dies.
-    hold = budget.acquire_or_refuse("streams", cfg["JOB_TIMEOUT"] + 30)
+    hold = hold_slot()
     streaming = False
     try:
-        try:
-            job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, admit=admit)
-        except ApiError as err:
-            if err.code != "gateway_busy":
-                # Logged after the refused transaction rolled back, so the log entry stays.
-                events.record("rate_limited", key.user.email, err.message, key.user_id)
-            raise
-        rate_headers = limits.headers(states)
-        after_this_request(lambda response: add_headers(response, rate_headers))
+        job = queue_job(key, model, worker_request, stream, prompt_tokens)
         # Wait for the first output before answering, so a worker that fails at once gives the
         # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
         try:

@@ -9,6 +9,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import case, func, select, update
 
 from . import accounts, limits, usage
+from .browser_worker import gateway_url
 from .db import db
 from .models import ApiKey, Job, Usage, Worker, utcnow
 
@@ -142,16 +143,20 @@ def worker_page(**extra) -> dict:
             .group_by(Job.worker_id)
         ).all())
     return {"workers": found, "states": {w.id: worker_state(w, busy.get(w.id, 0)) for w in found},
-            "secret": None, "gateway_url": request.url_root.rstrip("/"), **extra}
+            "secret": None, "gateway_url": gateway_url(), **extra}
 
 
 def worker_state(worker: Worker, running: int) -> str:
-    """Describe a worker in a word or three: revoked, offline, busy (n), online."""
+    """Describe a worker in a few words: revoked, offline, paused or needing a human (and why), busy (n), online."""
     if worker.revoked_at is not None:
         return "revoked"
     live = dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
     if worker.last_seen_at is None or utcnow() - worker.last_seen_at > live:
         return "offline"
+    if worker.status in ("paused", "needs_human", "error"):
+        # A browser worker said why it is not claiming; the person who can act should read it.
+        label = {"paused": "paused", "needs_human": "needs a human", "error": "error"}[worker.status]
+        return f"{label}: {worker.status_message}" if worker.status_message else label
     return f"busy ({running} running)" if running else "online"
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from flask import current_app
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import events, wake
@@ -66,8 +66,9 @@ def submit_job(
     return job
 
 
-def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str, version: str) -> None:
-    """Record what a worker advertises and that it is alive."""
+def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str, version: str,
+                 image_models: Sequence[str] = (), site: str = "") -> None:
+    """Record what a worker advertises and that it is alive and ready (it is claiming)."""
     with db.begin() as s:
         s.execute(
             update(Worker)
@@ -75,17 +76,29 @@ def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str
             .values(
                 last_seen_at=utcnow(),
                 models_json=json.dumps(list(models)),
+                image_models_json=json.dumps(list(image_models)),
                 capacity=capacity,
                 kind=kind,
                 version=version,
+                site=site,
+                status="ready",
+                status_message="",
             )
         )
 
 
-def _claimable(worker: Worker, models: Sequence[str], now: dt.datetime):
-    query = select(Job.id).where(
-        Job.state == "queued", Job.model.in_(list(models)), Job.deadline_at > now
-    )
+def set_worker_status(worker_id: int, status: str, message: str) -> None:
+    """Record a worker that is not claiming and why: paused, or waiting for a person."""
+    with db.begin() as s:
+        s.execute(update(Worker).where(Worker.id == worker_id)
+                  .values(last_seen_at=utcnow(), status=status, status_message=message[:255]))
+
+
+def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], now: dt.datetime):
+    wanted = [and_(Job.kind == "chat", Job.model.in_(list(models)))] if models else []
+    if image_models:
+        wanted.append(and_(Job.kind == "image", Job.model.in_(list(image_models))))
+    query = select(Job.id).where(Job.state == "queued", or_(*wanted), Job.deadline_at > now)
     if not worker.shared:
         # Least privilege: a worker sees only its owner's jobs unless an admin shared it.
         query = query.where(Job.user_id == worker.user_id)
@@ -103,7 +116,7 @@ def _lease_values(worker: Worker, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job]:
+def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int, image_models: Sequence[str] = ()) -> list[Job]:
     """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job."""
     now = utcnow()
     won: list[int] = []
@@ -111,7 +124,7 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
         with db.begin() as s:
             # SKIP LOCKED: rows another claimer has locked are passed over, not waited on,
             # and the state flip happens in the same short transaction.
-            ids = s.scalars(_claimable(worker, models, now).limit(max_jobs).with_for_update(skip_locked=True)).all()
+            ids = s.scalars(_claimable(worker, models, image_models, now).limit(max_jobs).with_for_update(skip_locked=True)).all()
             for job_id in ids:
                 s.execute(update(Job).where(Job.id == job_id).values(**_lease_values(worker, now)))
             won = list(ids)
@@ -119,7 +132,7 @@ def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int) -> list[Job
         with db.read() as s:
             # Read candidates without locks; a wide window leaves room to spread out when
             # other claimers win the head of the queue first.
-            candidates = s.scalars(_claimable(worker, models, now).limit(max(16, max_jobs * 8))).all()
+            candidates = s.scalars(_claimable(worker, models, image_models, now).limit(max(16, max_jobs * 8))).all()
         candidates = list(candidates)
         while candidates and len(won) < max_jobs:
             job_id = candidates.pop(0)

@@ -132,11 +132,22 @@ class Worker(Base):
     capacity: Mapped[int] = mapped_column(Integer, default=1)
     jobs_served: Mapped[int] = mapped_column(Integer, default=0)
     jobs_failed: Mapped[int] = mapped_column(Integer, default=0)
+    image_models_json: Mapped[Optional[str]] = mapped_column(Text)
+    # What a browser worker reports of itself: the site its tab is on, and "ready",
+    # "paused" or "needs_human" with a line for the person who can act on it.
+    site: Mapped[str] = mapped_column(String(191), default="", server_default="")
+    status: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    status_message: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     @property
     def models(self) -> list[str]:
-        """Return the model ids this worker advertised last."""
+        """Return the chat model ids this worker advertised last."""
         return json.loads(self.models_json or "[]")
+
+    @property
+    def image_models(self) -> list[str]:
+        """Return the image model ids this worker advertised last."""
+        return json.loads(self.image_models_json or "[]")
 
 
 class Job(Base):

@@ -18,6 +18,8 @@ def job_tokens(job: Job, deltas: Iterable[dict[str, Any]]) -> tuple[int, int, st
     """Return (prompt, completion, source): the worker's own counts, else tiktoken's."""
     if job.usage_source == "worker" and job.prompt_tokens is not None and job.completion_tokens is not None:
         return job.prompt_tokens, job.completion_tokens, "worker"
+    if job.kind == "image":
+        return tokens.count_text(job.request["prompt"]), 0, "tiktoken"
     return tokens.count_prompt(job.request["messages"]), tokens.count_completion(deltas), "tiktoken"
 
 

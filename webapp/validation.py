@@ -164,3 +164,36 @@ def _part(where: str, part: Any) -> None:
             raise bad(f"{where}.image_url.url must be an http(s) URL or a data:image/ URL.", f"{where}.image_url.url")
     else:
         raise bad(f"{where}.type must be 'text' or 'image_url'.", f"{where}.type", "unsupported_parameter")
+
+
+IMAGE_FORMATS = ("url", "b64_json")
+MAX_IMAGE_PROMPT = 32000  # characters; OpenAI's gpt-image-1 limit
+MAX_IMAGES = 4
+
+
+def validate_image(body: Any) -> dict[str, Any]:
+    """Return the image request a worker receives, or raise a 400 naming the param."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad("You must provide a model parameter: an image model a worker serves (see /v1/models).", "model",
+                  "missing_required_parameter")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad("You must provide a prompt.", "prompt", "missing_required_parameter")
+    if len(prompt) > MAX_IMAGE_PROMPT:
+        raise bad(f"The prompt is longer than {MAX_IMAGE_PROMPT} characters.", "prompt")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise bad(f"n must be an integer from 1 to {MAX_IMAGES}.", "n")
+    response_format = body.get("response_format") or "url"
+    if response_format not in IMAGE_FORMATS:
+        raise bad("response_format must be 'url' or 'b64_json'.", "response_format")
+    out: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": response_format}
+    for name in ("size", "quality", "style", "user"):
+        if name in body and body[name] is not None:
+            if not isinstance(body[name], str) or len(body[name]) > 64:
+                raise bad(f"{name} must be a string.", name)
+            out[name] = body[name]
+    return out

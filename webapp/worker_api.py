@@ -19,7 +19,9 @@ bp = Blueprint("worker_api", __name__, url_prefix="/worker/v1")
 
 MAX_MODELS = 64
 MAX_JOBS_PER_CLAIM = 32
-DELTA_FIELDS = {"content": str, "reasoning_content": str, "refusal": str, "tool_calls": list}
+DELTA_FIELDS = {"content": str, "reasoning_content": str, "refusal": str, "tool_calls": list, "images": list}
+# A worker that is not claiming says why; the dashboard and the admin view show it.
+STATUSES = ("paused", "needs_human", "error")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 SEEN_GRANULARITY = dt.timedelta(seconds=10)
 
@@ -43,28 +45,40 @@ def _int(body: dict, name: str, low: int, high: int, default: int | None = None)
     return value
 
 
+def _models(body: dict, name: str) -> list[str]:
+    models = body.get(name, [])
+    if (
+        not isinstance(models, list)
+        or len(models) > MAX_MODELS
+        or not all(isinstance(m, str) and 0 < len(m) <= 191 for m in models)
+    ):
+        raise bad(f"{name} must be a list of up to {MAX_MODELS} model ids (at most 191 characters each).", name)
+    return list(dict.fromkeys(models))
+
+
 def parse_claim(body: Any) -> dict[str, Any]:
     """Validate a claim request."""
     if not isinstance(body, dict):
         raise bad("The body must be a JSON object.", "body")
-    models = body.get("models")
-    if (
-        not isinstance(models, list)
-        or not 0 < len(models) <= MAX_MODELS
-        or not all(isinstance(m, str) and 0 < len(m) <= 191 for m in models)
-    ):
-        raise bad(f"models must be a list of 1 to {MAX_MODELS} model ids (at most 191 characters each).", "models")
+    models, image_models = _models(body, "models"), _models(body, "image_models")
+    if not models and not image_models:
+        raise bad("models must list at least one model id (or image_models one image model id).", "models")
     wait = body.get("wait", current_app.config["CLAIM_WAIT_MAX"])
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
         raise bad("wait must be a number of seconds, 0 or more.", "wait")
     max_jobs = _int(body, "max_jobs", 1, MAX_JOBS_PER_CLAIM, 1)
+    site = body.get("site", "")
+    if not isinstance(site, str) or len(site) > 191:
+        raise bad("site must be a string of at most 191 characters.", "site")
     return {
-        "models": list(dict.fromkeys(models)),
+        "models": models,
+        "image_models": image_models,
         "max_jobs": max_jobs,
         "capacity": _int(body, "capacity", 1, 256, max_jobs),
         "wait": min(float(wait), current_app.config["CLAIM_WAIT_MAX"]),
         "kind": _short_str(body, "kind"),
         "version": _short_str(body, "version"),
+        "site": site,
     }
 
 
@@ -76,6 +90,7 @@ def job_payload(job: Job) -> dict[str, Any]:
         "lease_ttl": current_app.config["LEASE_TTL"],
         "deadline_in": round(max(0.0, (job.deadline_at - utcnow()).total_seconds()), 3),
         "attempt": job.attempts,
+        "kind": job.kind,
         "model": job.model,
         "request": job.request,
     }
@@ -86,7 +101,8 @@ def claim():
     """Long-poll for jobs: answer as soon as one is claimed, or empty when the wait ends."""
     worker = authenticate_worker(request.headers.get("Authorization"))
     ask = parse_claim(json_body())
-    jobs.touch_worker(worker.id, ask["models"], ask["capacity"], ask["kind"], ask["version"])
+    jobs.touch_worker(worker.id, ask["models"], ask["capacity"], ask["kind"], ask["version"], ask["image_models"],
+                      ask["site"])
     cfg = current_app.config
     end = time.monotonic() + ask["wait"]
     # A worker holds one long-poll. A newer one means the client of this one is gone
@@ -101,7 +117,7 @@ def claim():
         while True:
             since = wake.stamp("jobs")
             superseded = wake.stamp(me) != mine
-            claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"])
+            claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"], ask["image_models"])
             left = end - time.monotonic()
             if claimed or superseded or left <= 0:
                 break
@@ -115,6 +131,21 @@ def claim():
     if superseded:
         body["superseded"] = True
     return jsonify(body)
+
+
+@bp.post("/status")
+def status():
+    """Let a worker that is not claiming say why (paused, needs a person, broken) and stay listed."""
+    worker = authenticate_worker(request.headers.get("Authorization"))
+    body = json_body()
+    state = body.get("status") if isinstance(body, dict) else None
+    if state not in STATUSES:
+        raise bad(f"status must be one of {', '.join(STATUSES)}; claiming again means ready.", "status")
+    message = body.get("message", "")
+    if not isinstance(message, str):
+        raise bad("message must be a string.", "message")
+    jobs.set_worker_status(worker.id, state, message)
+    return jsonify({"worker": {"id": worker.id, "name": worker.name}, "status": state})
 
 
 def parse_reports(body: Any) -> list[jobs.Report]:
@@ -160,6 +191,9 @@ def _chunk(where: str, chunk: Any) -> tuple[int, dict[str, Any]]:
         if name not in DELTA_FIELDS or not isinstance(value, DELTA_FIELDS[name]):
             allowed = ", ".join(DELTA_FIELDS)
             raise bad(f"{where}.delta.{name} is not allowed (allowed: {allowed}, with their OpenAI types).", f"{where}.delta")
+    for image in delta.get("images", []):
+        if not isinstance(image, dict) or len(image) != 1 or not isinstance(image.get("url", image.get("b64_json")), str):
+            raise bad(f"{where}.delta.images items must be {{\"url\": ...}} or {{\"b64_json\": ...}}.", f"{where}.delta")
     return seq, delta
 
 

@@ -1,0 +1,307 @@
+"""The userscript in real headless Chromium: LMArena (a fake one) and local-endpoint adapters
+serving real jobs from the gateway, asked through the openai package."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import openai
+import pytest
+import requests
+from sqlalchemy import select
+
+from conftest import CHROMIUM_ARGS, ROOT, expect, missing, read_until_error
+from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
+from fake_upstream import ANSWER as LOCAL_ANSWER, start_fake_upstream
+from webapp import userscript
+from webapp.db import db
+from webapp.models import Job, Worker  # noqa: F401
+
+SHIM = open(os.path.join(ROOT, "tests", "gm_shim.js")).read()
+PROMPT = [{"role": "user", "content": "hello arena"}]
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    """SQLite only here: the queue runs on MariaDB in the other suites; this one tests the browser."""
+    yield f"sqlite:///{tmp_path}/pollgate.db"
+
+
+@pytest.fixture(scope="module")
+def arena():
+    site = FakeArena()
+    yield site
+    site.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium_open():
+    """Chromium with web security off: the test's stand-in for the manager's cross-origin requests."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing("Chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True,
+                                    args=CHROMIUM_ARGS + ["--disable-web-security"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_arena(arena):
+    arena.mode = ""
+    arena.requests.clear()
+
+
+def worker_context(browser, origin: str, seed: dict):
+    """A browser context where every page of `origin` runs the userscript, set up with `seed`."""
+    # The manager's requests leave from the extension, outside the page's CSP; the shim's
+    # leave from the page, so the CSP is bypassed as the manager would.
+    context = browser.new_context(bypass_csp=True)
+    script = userscript.build()
+    context.add_init_script(
+        f"if (location.origin === {json.dumps(origin)}) {{ window.__PG_SEED__ = {json.dumps(seed)};\n{SHIM}\n"
+        f"const runScript = () => {{ {script} }};\n"
+        "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', runScript) : runScript(); }")
+    return context
+
+
+def state(page) -> str:
+    return page.evaluate("document.querySelector('#pollgate-panel')?.dataset.state || ''")
+
+
+def wait_state(page, wanted: str, timeout: float = 15) -> None:
+    page.wait_for_function(f"document.querySelector('#pollgate-panel')?.dataset.state === {json.dumps(wanted)}",
+                           timeout=timeout * 1000)
+
+
+def wait_models(api, *models, present=True, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if set(models) <= {m.id for m in api.models.list().data} if present else \
+                not set(models) & {m.id for m in api.models.list().data}:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"models {models} {'never showed up' if present else 'never went away'}")
+
+
+@pytest.fixture
+def arena_tab(chromium_open, arena, account, live):
+    """A signed-in fake LMArena tab with the userscript set up for this gateway and token."""
+    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
+                                                        "adapter": "lmarena"})
+    page = context.new_page()
+    page.goto(arena.url + "/")
+    yield page
+    context.close()
+
+
+def client(live, account) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+
+
+def test_a_tab_streams_text_and_reasoning_through_the_gateway(app, arena, arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text", "arena-image")
+    chunks = list(api.chat.completions.create(model="arena-text", messages=PROMPT, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    assert content.startswith(ANSWER) and "[A source](https://example.org/source)" in content
+    assert reasoning == REASONING and "side B" not in content
+    sent = arena.requests[-1]
+    assert sent["modelAId"] == "0199a1b2-text" and sent["userMessage"]["content"] == "hello arena"
+    assert sent["id"][14] == "7"  # a UUIDv7, as the site's own ids
+    assert "Pollgate: connected" in arena_tab.title() or "Pollgate: busy" in arena_tab.title()
+    with app.app_context(), db.read() as s:
+        worker = s.scalar(select(Worker))
+        assert worker.kind == "userscript/lmarena" and worker.site.startswith("127.0.0.1")
+
+
+def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-image")
+    reply = api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "draw a cat"}])
+    assert "![image](" in reply.choices[0].message.content and "/cat.png)" in reply.choices[0].message.content
+    image = api.images.generate(model="arena-image", prompt="draw a cat", response_format="b64_json")
+    assert image.data[0].b64_json == __import__("base64").b64encode(CAT_PNG).decode()
+    linked = api.images.generate(model="arena-image", prompt="draw a cat")
+    assert linked.data[0].url.endswith("/cat.png")
+
+
+def test_a_site_refusal_is_a_content_filter_error(arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "refuse this"}])
+    assert refused.value.code == "content_filter" and "content policy" in refused.value.message
+
+
+@pytest.mark.parametrize("mode, words", [("challenge", "security check"), ("expired", "session expired")])
+def test_a_site_asking_for_a_human_pauses_the_worker(app, arena, arena_tab, live, account, admin, mode, words):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    arena.mode = mode
+    with pytest.raises(openai.InternalServerError) as failed:
+        api.chat.completions.create(model="arena-text", messages=PROMPT)
+    assert failed.value.status_code == 503 and failed.value.code == "worker_needs_human"
+    assert words in failed.value.message.lower()
+    wait_state(arena_tab, "needs_human")
+    assert "Pollgate: needs you" in arena_tab.title()
+    expect(arena_tab.locator("#pollgate-panel [data-role=message]")).to_contain_text("Resume")
+    wait_models(api, "arena-text", present=False)  # it stopped offering what it cannot serve
+    admin_client, _ = admin
+    assert "needs a human" in admin_client.get("/admin/").text
+    # The person fixes it in the tab and resumes; nothing was solved or faked for them.
+    arena.mode = ""
+    arena_tab.locator("#pollgate-panel button[data-role=toggle]").click()
+    wait_models(api, "arena-text")
+    assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+
+
+def test_pause_and_resume_from_the_panel(arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    toggle = arena_tab.locator("#pollgate-panel button[data-role=toggle]")
+    expect(toggle).to_have_text("Pause")
+    toggle.click()
+    wait_state(arena_tab, "paused")
+    wait_models(api, "arena-text", present=False)
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="arena-text", messages=PROMPT)
+    arena_tab.reload()  # the pause is remembered
+    wait_state(arena_tab, "paused")
+    arena_tab.locator("#pollgate-panel button[data-role=toggle]").click()
+    wait_models(api, "arena-text")
+    assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
+
+
+def test_closing_the_tab_mid_answer_fails_the_job_cleanly(app, arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    stream = api.chat.completions.create(model="arena-text", stream=True,
+                                         messages=[{"role": "user", "content": "slow please"}])
+    received, error = read_until_error(stream, act_at=3, action=arena_tab.close)
+    assert received.startswith("piece 0 ") and "worker" in str(error).lower()
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job).order_by(Job.id.desc()))
+    assert job.state == "failed" and job.next_seq >= 1
+
+
+def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_open, arena, account, live):
+    seed = {"gateway": live.url, "token": account.token, "adapter": "lmarena"}
+    first = worker_context(chromium_open, arena.url, seed)
+    first.new_page().goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    replies = []
+    asking = threading.Thread(target=lambda: replies.append(api.chat.completions.create(
+        model="arena-text", messages=[{"role": "user", "content": "wait for it"}])))
+    asking.start()
+    end = time.monotonic() + 15
+    while not arena.requests:  # the site is thinking; nothing has streamed yet
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    first.close()  # the tab hands its job back as it goes
+    second = worker_context(chromium_open, arena.url, seed)
+    second.new_page().goto(arena.url + "/")
+    asking.join(timeout=30)
+    second.close()
+    assert replies and replies[0].choices[0].message.content.startswith(ANSWER)
+    assert len(arena.requests) == 2  # asked again by the second tab, answered once
+
+
+def test_two_tabs_take_turns_with_one_long_poll(chromium_open, arena, account, live):
+    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
+                                                        "adapter": "lmarena"})
+    first, second = context.new_page(), context.new_page()
+    first.goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    second.goto(arena.url + "/")
+    wait_state(first, "connected", timeout=20)
+    assert state(second) == "standby"
+    first.close()
+    wait_state(second, "connected", timeout=20)
+    assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
+    context.close()
+
+
+def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, account, live):
+    upstream = start_fake_upstream()
+    try:
+        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
+                                                           "localUrl": upstream.url})
+        page = context.new_page()
+        page.goto(live.url + "/browser-worker")
+        api = client(live, account)
+        wait_models(api, "fake-chat")
+        chunks = list(api.chat.completions.create(model="fake-chat", messages=PROMPT, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == LOCAL_ANSWER
+        posted = [r["body"] for r in upstream.requests if r["method"] == "POST"][-1]
+        assert posted["stream"] is True and posted["messages"] == PROMPT
+        context.close()
+    finally:
+        upstream.stop()
+
+
+def test_line_parser_and_message_mapping(chromium_open):
+    page = chromium_open.new_page()
+    for name in ("lines.js", "errors.js"):
+        page.add_script_tag(path=os.path.join(ROOT, "userscript", "src", name))
+    parsed = page.evaluate("""() => [
+        'a0:"hi"', 'ag:"think"', 'a2:[{"type":"image","image":"https://x/y.png"}]', 'a3:"bad"',
+        'ad:{"finishReason":"length"}', '{"error":{"message":"nope"}}', 'b0:"other side"', 'zz:1', 'a0:broken',
+        '', 'ac:{"url":"https://s"}'
+    ].map(parseLine)""")
+    assert parsed == [
+        {"type": "text", "value": "hi"}, {"type": "reasoning", "value": "think"},
+        {"type": "images", "value": ["https://x/y.png"]}, {"type": "error", "value": "bad"},
+        {"type": "finish", "value": "length"}, {"type": "error", "value": "nope"}, None, None, None, None,
+        {"type": "citation", "value": {"url": "https://s"}},
+    ]
+    split = page.evaluate("""() => { const out = []; const s = lineSplitter((l) => out.push(l));
+        s.push('a0:"he'); s.push('llo"\\na0:"x"\\n'); s.push('ad:{}'); s.end(); return out; }""")
+    assert split == ['a0:"hello"', 'a0:"x"', "ad:{}"]
+    mapped = page.evaluate("""() => flattenMessages([
+        {role: "system", content: "be brief"},
+        {role: "user", content: [{type: "text", text: "what is this?"},
+                                 {type: "image_url", image_url: {url: "data:image/png;base64,AAA"}}]}])""")
+    assert mapped == {"text": "[system]\nbe brief\n\nwhat is this?", "images": ["data:image/png;base64,AAA"]}
+    page.close()
+
+
+def test_the_dashboard_hands_out_a_userscript_set_up_for_this_gateway(app, account, live):
+    from conftest import csrf, sign_in
+
+    browser = app.test_client()
+    sign_in(browser, account.email)
+    page = browser.post("/workers", data={"name": "arena tab", "csrf_token": csrf(browser.get("/workers"))})
+    token = __import__("re").search(r'<code id="new-token">([^<]+)</code>', page.text).group(1)
+    script = browser.post("/workers/userscript", data={"token": token, "csrf_token": csrf(page)})
+    assert script.status_code == 200 and "attachment" in script.headers["Content-Disposition"]
+    assert "pollgate-arena-tab.user.js" in script.headers["Content-Disposition"]
+    text = script.get_data(as_text=True)
+    assert f'"token": "{token}"' in text and "// @connect      localhost" in text
+    assert "// ==UserScript==" in text and "// @grant        GM_xmlhttpRequest" in text
+    assert browser.post("/workers/userscript", data={"token": "pgw_nope", "csrf_token": csrf(page)}).status_code == 404
+    # Another user cannot get a script with this user's token.
+    other = app.test_client()
+    from conftest import make_account
+
+    stranger = make_account(app, "stranger@example.com")
+    sign_in(other, stranger.email)
+    assert other.post("/workers/userscript", data={"token": token, "csrf_token": csrf(other.get("/workers"))}).status_code == 404
+    public = requests.get(f"{live.url}/userscript/pollgate.user.js", timeout=10).text
+    assert '"token": ""' in public and f"// @updateURL    {live.url}/userscript/pollgate.user.js" in public
+
+
+def test_the_committed_userscript_is_built_from_its_sources():
+    with open(os.path.join(ROOT, "userscript", "pollgate.user.js"), encoding="utf-8") as handle:
+        assert handle.read() == userscript.build(), "run: python userscript/build.py"

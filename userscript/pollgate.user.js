@@ -1,0 +1,760 @@
+// ==UserScript==
+// @name         Pollgate worker
+// @namespace    pollgate
+// @version      0.1.0
+// @description  Serve a Pollgate gateway's jobs from this tab: LMArena with your own session, or a local OpenAI-compatible server.
+// @match        https://lmarena.ai/*
+// @match        https://*.lmarena.ai/*
+// @grant        GM_getValue
+// @grant        GM_setValue
+// @grant        GM_xmlhttpRequest
+// @connect      *
+// @connect      localhost
+// @connect      127.0.0.1
+// @run-at       document-idle
+// @noframes
+// ==/UserScript==
+
+(function () {
+"use strict";
+const PRESET = {"gateway": "", "token": ""};
+
+// LMArena's answer stream, one event per line (as of 2026-11; the site's API is private and
+// changes: unknown lines are ignored, not errors). Side A only: this worker asks one model.
+//   a0:"text"  ag:"reasoning"  ac:{citation}  a2:[{"type":"image","image":URL}]
+//   a3:"error text"  ad:{"finishReason":"stop"}  {"error": ...} (a bare JSON error)
+function parseLine(line) {
+  const text = line.trim();
+  if (!text) return null;
+  if (text.startsWith("{")) {
+    try {
+      const body = JSON.parse(text);
+      if (body && body.error) return { type: "error", value: errorText(body.error) };
+    } catch (e) { /* not JSON after all */ }
+    return null;
+  }
+  const colon = text.indexOf(":");
+  if (colon < 1) return null;
+  const tag = text.slice(0, colon);
+  let value;
+  try {
+    value = JSON.parse(text.slice(colon + 1));
+  } catch (e) {
+    return null;
+  }
+  switch (tag) {
+    case "a0": return typeof value === "string" ? { type: "text", value } : null;
+    case "ag": return typeof value === "string" ? { type: "reasoning", value } : null;
+    case "ac": return { type: "citation", value };
+    case "a2": {
+      const urls = (Array.isArray(value) ? value : [])
+        .filter((item) => item && item.type === "image" && typeof item.image === "string")
+        .map((item) => item.image);
+      return urls.length ? { type: "images", value: urls } : null;
+    }
+    case "a3": return { type: "error", value: errorText(value) };
+    case "ad": return { type: "finish", value: (value && value.finishReason) || "stop" };
+    default: return null;
+  }
+}
+
+function errorText(error) {
+  if (typeof error === "string") return error;
+  if (error && typeof error.message === "string") return error.message;
+  return JSON.stringify(error);
+}
+
+// Split a growing stream into whole lines; keep the unfinished tail for the next piece.
+function lineSplitter(onLine) {
+  let tail = "";
+  return {
+    push(piece) {
+      tail += piece;
+      const lines = tail.split("\n");
+      tail = lines.pop();
+      lines.forEach(onLine);
+    },
+    end() {
+      if (tail) onLine(tail);
+      tail = "";
+    },
+  };
+}
+
+// Cross-origin HTTP through the userscript manager (GM_xmlhttpRequest), as promises.
+class HttpError extends Error {
+  constructor(status, body, headers) {
+    super(httpMessage(status, body));
+    this.status = status;
+    this.body = body;
+    this.headers = headers || "";
+  }
+
+  retryAfter(fallback) {
+    const match = /^retry-after:\s*([\d.]+)/im.exec(this.headers);
+    return match ? Math.min(300, Number(match[1])) : fallback;
+  }
+}
+
+function httpMessage(status, body) {
+  try {
+    const parsed = JSON.parse(body);
+    if (parsed && parsed.error) return `HTTP ${status}: ${errorText(parsed.error)}`;
+  } catch (e) { /* not JSON */ }
+  return status ? `HTTP ${status}` : "network error";
+}
+
+// One request; resolves with the response text, rejects with HttpError. onProgress gets
+// the text so far while a streamed answer arrives.
+function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, onProgress, signal, binary }) {
+  return new Promise((resolve, reject) => {
+    const handle = GM_xmlhttpRequest({
+      method,
+      url,
+      headers: body === undefined ? headers : { "Content-Type": "application/json", ...headers },
+      data: body === undefined ? undefined : JSON.stringify(body),
+      timeout,
+      responseType: binary ? "arraybuffer" : undefined,
+      onprogress: onProgress ? (r) => onProgress(r.responseText || "") : undefined,
+      onload: (r) => {
+        if (r.status >= 200 && r.status < 300) resolve(binary ? r.response : r.responseText);
+        else reject(new HttpError(r.status, binary ? "" : r.responseText, r.responseHeaders));
+      },
+      onerror: () => reject(new HttpError(0, "", "")),
+      ontimeout: () => reject(new HttpError(0, "timed out", "")),
+      onabort: () => reject(new DOMException("aborted", "AbortError")),
+    });
+    if (signal) signal.addEventListener("abort", () => handle && handle.abort && handle.abort());
+  });
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); });
+  });
+}
+
+// A job failure the gateway can name to the API client (docs/worker-protocol.md, codes).
+class WorkerError extends Error {
+  constructor(code, message, { retry = false, human = false } = {}) {
+    super(message);
+    this.code = code;
+    this.retry = retry;
+    this.human = human; // the site asks for a person: pause until they are done
+  }
+}
+
+// The job fails with this message rather than waiting for another worker: the caller learns
+// at once why, and the person at the tab sees the same words.
+function needsHuman(message) {
+  return new WorkerError("needs_human", message, { human: true });
+}
+
+// Flatten OpenAI messages to one prompt: these sites take a single user turn.
+function flattenMessages(messages) {
+  const parts = [];
+  const images = [];
+  messages.forEach((message, i) => {
+    const last = i === messages.length - 1;
+    let text = "";
+    if (typeof message.content === "string") text = message.content;
+    else if (Array.isArray(message.content)) {
+      for (const part of message.content) {
+        if (part.type === "text") text += part.text;
+        else if (part.type === "image_url" && last) images.push(part.image_url.url);
+      }
+    }
+    parts.push(last && message.role === "user" ? text : `[${message.role}]\n${text}`);
+  });
+  return { text: parts.join("\n\n"), images };
+}
+
+// The worker protocol (docs/worker-protocol.md): claim, report chunks, release, status.
+class Gateway {
+  constructor(url, token) {
+    this.url = url.replace(/\/+$/, "");
+    this.token = token;
+  }
+
+  call(path, body, options = {}) {
+    return gmRequest({
+      method: "POST",
+      url: `${this.url}/worker/v1/${path}`,
+      headers: { Authorization: `Bearer ${this.token}` },
+      body,
+      ...options,
+    }).then((text) => JSON.parse(text));
+  }
+
+  claim(offer, wait, maxJobs, signal) {
+    return this.call("claim", { ...offer, wait, max_jobs: maxJobs, capacity: offer.capacity }, {
+      timeout: (wait + 30) * 1000, signal,
+    });
+  }
+
+  status(status, message) {
+    return this.call("status", { status, message: message.slice(0, 255) });
+  }
+
+  release(jobs) {
+    return this.call("release", { jobs: jobs.map((job) => ({ id: job.id, lease: job.lease })) });
+  }
+}
+
+// Sends one job's deltas in order, batched: the first at once, the rest every FLUSH_MS,
+// an empty report as a heartbeat when the job is quiet, and the finish or error last.
+const FLUSH_MS = 100;
+
+class Reporter {
+  constructor(gateway, job, onStop) {
+    this.gateway = gateway;
+    this.job = job;
+    this.onStop = onStop;
+    this.sent = []; // every chunk, so a seq_gap can be answered by resending
+    this.acked = 0;
+    this.pending = [];
+    this.end = null;
+    this.timer = null;
+    this.busy = null;
+    this.stopped = false;
+    this.lastReport = Date.now();
+    this.heartbeat = setInterval(() => {
+      if (Date.now() - this.lastReport > (job.lease_ttl * 1000) / 3) this.flush();
+    }, 1000);
+  }
+
+  delta(delta) {
+    if (this.stopped) return;
+    this.pending.push(delta);
+    if (this.sent.length === 0 && this.acked === 0 && !this.busy) this.flush();
+    else if (!this.timer) this.timer = setTimeout(() => this.flush(), FLUSH_MS);
+  }
+
+  async finish(end) {
+    this.end = end;
+    clearInterval(this.heartbeat);
+    while (!this.stopped) {
+      await this.flush();
+      if (this.stopped || (this.end === null)) break;
+      await sleep(1000); // the last report failed; keep the lease by trying again
+    }
+  }
+
+  async flush() {
+    if (this.busy) return this.busy;
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.busy = this._send().finally(() => { this.busy = null; });
+    return this.busy;
+  }
+
+  async _send() {
+    for (const delta of this.pending.splice(0)) this.sent.push({ seq: this.sent.length, delta });
+    const entry = { id: this.job.id, lease: this.job.lease, chunks: this.sent.slice(this.acked) };
+    const end = this.end;
+    if (end && end.finish) entry.finish = end.finish;
+    if (end && end.error) entry.error = end.error;
+    try {
+      const answer = (await this.gateway.call("chunks", { jobs: [entry] })).jobs[0];
+      this.lastReport = Date.now();
+      this.acked = Math.min(answer.next_seq, this.sent.length);
+      if (answer.stop) {
+        this.stopped = true;
+        clearInterval(this.heartbeat);
+        if (answer.reason !== "finished") this.onStop(answer.reason);
+      } else if (end) {
+        this.end = null; // stored: nothing left to say
+      }
+    } catch (error) {
+      if (error.status === 400 || error.status === 401 || error.status === 413) {
+        this.stopped = true; // nothing in the call was stored and retrying will not change that
+        clearInterval(this.heartbeat);
+        this.onStop(error.message);
+      }
+      // Network trouble or a busy gateway: the next flush resends the same chunks.
+    }
+  }
+}
+
+// Settings live in the userscript manager's storage; a download from the dashboard comes
+// with the gateway URL and a worker token filled in (PRESET), copied in on first run.
+const DEFAULTS = {
+  gateway: "", token: "", adapter: "auto", models: "", localUrl: "http://localhost:11434/v1",
+  capacity: 0, paused: false,
+};
+
+const settings = {
+  get(name) {
+    return GM_getValue(name, DEFAULTS[name]);
+  },
+  set(name, value) {
+    GM_setValue(name, value);
+  },
+  seed(preset) {
+    for (const [name, value] of Object.entries(preset)) {
+      if (value && !this.get(name)) this.set(name, value);
+    }
+  },
+};
+
+// LMArena: runs a job in the page with the user's own session (targets the site as of
+// 2026-11; see docs/userscript.md). Everything specific to the site lives here.
+const lmarena = {
+  id: "lmarena",
+  capacity: 1, // one answer at a time per tab, as a person would
+
+  matches() {
+    return /(^|\.)lmarena\.ai$/.test(location.hostname);
+  },
+
+  // The catalogue sits in the page's HTML (Next.js flight data) as objects with id,
+  // publicName, organization, provider and capabilities.
+  catalogue() {
+    const html = document.documentElement.innerHTML.replace(/\\"/g, '"');
+    const found = new Map();
+    let at = html.indexOf('"publicName"');
+    while (at !== -1) {
+      const object = enclosingObject(html, at);
+      if (object && typeof object.publicName === "string" && typeof object.id === "string") {
+        const output = (object.capabilities && object.capabilities.outputCapabilities) || {};
+        found.set(object.publicName, { id: object.id, image: Boolean(output.image) && !output.text });
+      }
+      at = html.indexOf('"publicName"', at + 1);
+    }
+    return found;
+  },
+
+  async models() {
+    const catalogue = this.catalogue();
+    const chat = [], image = [];
+    for (const [name, model] of catalogue) (model.image ? image : chat).push(name);
+    return { chat, image };
+  },
+
+  async run(job, out, signal) {
+    const model = this.catalogue().get(job.model);
+    if (!model) throw new WorkerError("model_not_found", `This tab's LMArena catalogue has no model '${job.model}'.`);
+    const request = job.request;
+    const { text, images } = job.kind === "image"
+      ? { text: request.prompt, images: [] }
+      : flattenMessages(request.messages);
+    const body = {
+      id: uuid7(),
+      mode: "direct",
+      modelAId: model.id,
+      userMessageId: uuid7(),
+      modelAMessageId: uuid7(),
+      modelBMessageId: uuid7(),
+      userMessage: {
+        content: text,
+        experimental_attachments: images.map((url, i) => ({ name: `image-${i}`, contentType: mimeOf(url), url })),
+        metadata: {},
+      },
+      modality: job.kind === "image" ? "image" : "chat",
+    };
+    const response = await fetch("/nextjs-api/stream/create-evaluation", {
+      method: "POST", credentials: "include", signal,
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    if (!response.ok) throw await refusal(response);
+    let finish = "stop";
+    let failure = null;
+    const citations = [];
+    const decoder = new TextDecoder();
+    const reader = response.body.getReader();
+    const lines = lineSplitter((line) => {
+      const event = parseLine(line);
+      if (!event || failure) return;
+      if (event.type === "text") out.delta({ content: event.value });
+      else if (event.type === "reasoning") out.delta({ reasoning_content: event.value });
+      else if (event.type === "citation") citations.push(event.value);
+      else if (event.type === "images") {
+        if (job.kind === "image") out.images(event.value);
+        else out.delta({ content: event.value.map((url) => `\n![image](${url})\n`).join("") });
+      } else if (event.type === "error") failure = siteError(event.value);
+      else if (event.type === "finish") finish = event.value === "length" ? "length" : "stop";
+    });
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      lines.push(decoder.decode(value, { stream: true }));
+    }
+    lines.end();
+    if (failure) throw failure;
+    const sources = citations.filter((c) => c && c.url).map((c, i) => `[${i + 1}] [${c.title || c.url}](${c.url})`);
+    if (sources.length && job.kind !== "image") out.delta({ content: `\n\nSources:\n${sources.join("\n")}` });
+    return { reason: finish };
+  },
+};
+
+// What a refused request means: a challenge or a lapsed sign-in needs the person at the tab.
+async function refusal(response) {
+  const text = await response.text();
+  if (/<title>\s*Just a moment/i.test(text) || /challenge-platform|cf-chl/i.test(text)) {
+    return needsHuman("LMArena shows a security check. Open the tab and complete it yourself, then press Resume.");
+  }
+  if (response.status === 401 || /session (has )?expired|not (logged|signed) in|unauthori[sz]ed/i.test(text)) {
+    return needsHuman("The LMArena session expired. Sign in again in this tab, then press Resume.");
+  }
+  if (response.status === 429) return new WorkerError("rate_limited", "LMArena is rate limiting this session.");
+  return siteError(`HTTP ${response.status}: ${text.slice(0, 200)}`);
+}
+
+function siteError(text) {
+  if (/content|moderat|policy|flagged/i.test(text)) return new WorkerError("content_filter", `LMArena refused: ${text}`);
+  if (/too long|context/i.test(text)) return new WorkerError("context_length_exceeded", `LMArena: ${text}`);
+  if (/rate limit|too many/i.test(text)) return new WorkerError("rate_limited", `LMArena: ${text}`);
+  return new WorkerError("upstream_error", `LMArena: ${text}`);
+}
+
+// The smallest JSON object around position `at`, found by matching braces outside strings.
+function enclosingObject(text, at) {
+  for (let start = text.lastIndexOf("{", at); start !== -1 && at - start < 4000; start = text.lastIndexOf("{", start - 1)) {
+    const end = matchingBrace(text, start);
+    if (end > at) {
+      try {
+        return JSON.parse(text.slice(start, end + 1));
+      } catch (e) {
+        return null;
+      }
+    }
+  }
+  return null;
+}
+
+function matchingBrace(text, start) {
+  let depth = 0, inString = false;
+  for (let i = start; i < text.length && i - start < 20000; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === "\\") i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') inString = true;
+    else if (c === "{") depth++;
+    else if (c === "}" && --depth === 0) return i;
+  }
+  return -1;
+}
+
+function mimeOf(url) {
+  const match = /^data:([^;,]+)/.exec(url);
+  return match ? match[1] : "image/png";
+}
+
+// UUIDv7 (RFC 9562): 48 bits of milliseconds, then random bits, as the site's ids are.
+function uuid7() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  let ms = Date.now();
+  for (let i = 5; i >= 0; i--) { bytes[i] = ms % 256; ms = Math.floor(ms / 256); }
+  bytes[6] = (bytes[6] & 0x0f) | 0x70;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+// A local OpenAI-compatible server the browser can reach (Ollama, llama.cpp, vLLM, LM Studio),
+// called through the userscript manager so any browser can be a worker without Python.
+const local = {
+  id: "local",
+  capacity: 2,
+
+  matches() {
+    return location.pathname.startsWith("/browser-worker");
+  },
+
+  base() {
+    return settings.get("localUrl").replace(/\/+$/, "");
+  },
+
+  async models() {
+    const text = await gmRequest({ url: `${this.base()}/models`, timeout: 10000 });
+    const ids = (JSON.parse(text).data || []).map((m) => m.id).filter((id) => typeof id === "string");
+    return { chat: ids, image: [] };
+  },
+
+  async run(job, out, signal) {
+    const body = { ...job.request, stream: true, stream_options: { include_usage: true } };
+    let seen = 0, reason = "stop", usage = null, failure = null;
+    const lines = lineSplitter((line) => {
+      if (!line.startsWith("data:")) return;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return;
+      let event;
+      try { event = JSON.parse(data); } catch (e) { return; }
+      if (event.error) { failure = new WorkerError("upstream_error", `local server: ${errorText(event.error)}`); return; }
+      if (event.usage) usage = { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens };
+      for (const choice of event.choices || []) {
+        const delta = {};
+        for (const name of ["content", "reasoning_content", "refusal", "tool_calls"]) {
+          if (choice.delta && choice.delta[name]) delta[name] = choice.delta[name];
+        }
+        if (Object.keys(delta).length) out.delta(delta);
+        if (choice.finish_reason) reason = choice.finish_reason;
+      }
+    });
+    try {
+      await gmRequest({
+        method: "POST", url: `${this.base()}/chat/completions`, body, signal, timeout: job.deadline_in * 1000,
+        onProgress: (text) => { lines.push(text.slice(seen)); seen = text.length; },
+      }).then((text) => { lines.push(text.slice(seen)); lines.end(); });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      if (error.status === 404) throw new WorkerError("model_not_found", `The local server has no model '${job.model}'.`);
+      if (error.status === 429) throw new WorkerError("rate_limited", "The local server is busy.");
+      throw new WorkerError("upstream_unavailable", `The local server at ${this.base()} failed: ${error.message}`,
+                            { retry: !error.status });
+    }
+    if (failure) throw failure;
+    return { reason, usage };
+  },
+};
+
+// A small panel on the page (in a shadow root, so the site's styles leave it alone) and a
+// badge in the tab title, both showing the worker's state.
+const STATE_LABELS = {
+  setup: "not set up", standby: "standby: another tab serves", connected: "connected", busy: "busy",
+  paused: "paused", needs_human: "needs you", error: "error",
+};
+
+function createPanel(worker) {
+  const host = document.createElement("div");
+  host.id = "pollgate-panel";
+  const root = host.attachShadow({ mode: "open" });
+  root.innerHTML = `
+    <style>
+      .box { position: fixed; right: 12px; bottom: 12px; z-index: 2147483647; font: 13px system-ui, sans-serif;
+             background: #fff; color: #111; border: 1px solid #bbb; border-radius: 8px; padding: 8px 10px;
+             box-shadow: 0 2px 10px rgba(0,0,0,.15); max-width: 320px; }
+      .state { font-weight: 600; } .message { color: #555; margin: 4px 0; white-space: pre-wrap; }
+      label { display: block; margin: 4px 0; } input, select { width: 100%; box-sizing: border-box; }
+      details summary { cursor: pointer; color: #555; }
+    </style>
+    <div class="box" part="box">
+      <div><span class="state" data-role="state"></span> · Pollgate <button data-role="toggle"></button></div>
+      <div class="message" data-role="message"></div>
+      <details data-role="details"><summary>Settings</summary>
+        <form data-role="form">
+          <label>Gateway URL <input name="gateway" placeholder="https://example.com/api"></label>
+          <label>Worker token <input name="token" type="password" autocomplete="off" placeholder="pgw_..."></label>
+          <label>Site adapter <select name="adapter"><option value="auto">auto</option>
+            <option value="lmarena">LMArena</option><option value="local">local endpoint</option></select></label>
+          <label>Serve only these models (comma-separated; empty: all) <input name="models"></label>
+          <label>Local endpoint <input name="localUrl"></label>
+          <button type="submit">Save</button>
+        </form>
+      </details>
+    </div>`;
+  const $ = (role) => root.querySelector(`[data-role=${role}]`);
+  const form = $("form");
+  for (const name of ["gateway", "token", "adapter", "models", "localUrl"]) form.elements[name].value = settings.get(name);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    for (const name of ["gateway", "token", "adapter", "models", "localUrl"]) settings.set(name, form.elements[name].value.trim());
+    worker.restart();
+  });
+  $("toggle").addEventListener("click", () => (worker.paused ? worker.resume() : worker.pause("Paused from the panel.")));
+  document.body.appendChild(host);
+  const title = document.title.replace(/^\[Pollgate: [^\]]*\] /, "");
+  return {
+    show(state, message) {
+      $("state").textContent = STATE_LABELS[state] || state;
+      $("message").textContent = message || "";
+      $("toggle").textContent = worker.paused ? "Resume" : "Pause";
+      host.dataset.state = state;
+      document.title = `[Pollgate: ${STATE_LABELS[state] || state}] ${title}`;
+      if (state === "setup") $("details").open = true;
+    },
+  };
+}
+
+// The worker: one long-poll per site (tabs take turns through a Web Lock), jobs run by the
+// site's adapter, output batched back, a pause for the person whenever the site asks for one.
+const VERSION = "0.1.0";
+const ADAPTERS = [lmarena, local];
+const POLL_WAIT = 20; // seconds a claim waits for a job: under nginx's 60 s idle cut-off
+const STATUS_EVERY = 30000; // a paused worker says so this often, so it stays listed
+
+class BrowserWorker {
+  constructor() {
+    this.paused = Boolean(settings.get("paused"));
+    this.human = "";
+    this.running = new Map();
+    this.wake = new AbortController();
+    this.failures = 0;
+  }
+
+  adapter() {
+    const choice = settings.get("adapter");
+    return ADAPTERS.find((a) => (choice === "auto" ? a.matches() : a.id === choice)) || null;
+  }
+
+  gateway() {
+    const url = settings.get("gateway"), token = settings.get("token");
+    return url && token ? new Gateway(url, token) : null;
+  }
+
+  start() {
+    this.panel = createPanel(this);
+    this.show("standby");
+    addEventListener("pagehide", () => this.handBack());
+    // Tabs of one site share the token's single long-poll: one holds the lock and polls;
+    // the others wait and take over when it closes.
+    if (navigator.locks) navigator.locks.request("pollgate-worker", () => this.run());
+    else this.run();
+  }
+
+  show(state, message) {
+    this.state = state;
+    this.panel.show(state, message);
+  }
+
+  restart() {
+    this.wake.abort(); // ends the current wait or claim; the loop starts over with new settings
+  }
+
+  pause(message, human = false) {
+    this.paused = true;
+    this.human = human ? message : "";
+    settings.set("paused", true);
+    const gateway = this.gateway();
+    if (gateway) gateway.status(human ? "needs_human" : "paused", message).catch(() => {});
+    this.show(human ? "needs_human" : "paused", message);
+    this.restart();
+  }
+
+  resume() {
+    this.paused = false;
+    this.human = "";
+    settings.set("paused", false);
+    this.restart();
+  }
+
+  async run() {
+    for (;;) {
+      if (this.wake.signal.aborted) this.wake = new AbortController();
+      const signal = this.wake.signal;
+      const gateway = this.gateway(), adapter = this.adapter();
+      if (!gateway || !adapter) {
+        this.show("setup", !adapter ? "No adapter for this page: pick one in Settings."
+          : "Paste the gateway URL and a worker token (dashboard > My workers) in Settings.");
+        await sleep(3600000, signal);
+        continue;
+      }
+      if (this.paused) {
+        const message = this.human || "Paused: press Resume to serve again.";
+        this.show(this.human ? "needs_human" : "paused", message);
+        await gateway.status(this.human ? "needs_human" : "paused", message).catch(() => {});
+        await sleep(STATUS_EVERY, signal);
+        continue;
+      }
+      const capacity = Number(settings.get("capacity")) || adapter.capacity;
+      if (this.running.size >= capacity) {
+        await sleep(3600000, signal); // a finished job wakes us
+        continue;
+      }
+      await this.claimOnce(gateway, adapter, capacity, signal);
+    }
+  }
+
+  async claimOnce(gateway, adapter, capacity, signal) {
+    try {
+      const offer = await this.offer(adapter, capacity);
+      if (!offer.models.length && !offer.image_models.length) {
+        this.show("error", "The site offers none of the models you chose to serve.");
+        await sleep(STATUS_EVERY, signal);
+        return;
+      }
+      this.claiming = true;
+      const answer = await gateway.claim(offer, POLL_WAIT, capacity - this.running.size, signal)
+        .finally(() => { this.claiming = false; });
+      this.failures = 0;
+      if (answer.superseded) {
+        this.show("error", "Another tab or program is using this worker token; give each its own token.");
+        await sleep(10000, signal);
+        return;
+      }
+      for (const job of answer.jobs) this.runJob(gateway, adapter, job);
+      this.show(this.running.size ? "busy" : "connected", `${adapter.id} adapter on ${location.host}`);
+    } catch (error) {
+      if (signal.aborted) return;
+      if (error.status === 401) {
+        this.show("error", "The gateway refused the worker token: paste a valid one in Settings.");
+        await sleep(3600000, signal);
+      } else if (error.status === 429 || error.status === 503) {
+        this.show("connected", "The gateway is busy; trying again shortly.");
+        await sleep(error.retryAfter(10) * 1000, signal);
+      } else {
+        // Equal jitter: never under half the delay, so many tabs spread out.
+        const delay = Math.min(30, 2 ** this.failures++);
+        this.show("error", `${error.message}; retrying in ${Math.round(delay)} s.`);
+        await sleep((delay / 2 + Math.random() * delay / 2) * 1000, signal);
+      }
+    }
+  }
+
+  async offer(adapter, capacity) {
+    const wanted = settings.get("models").split(",").map((m) => m.trim()).filter(Boolean);
+    const keep = (ids) => (wanted.length ? ids.filter((id) => wanted.includes(id)) : ids).slice(0, 64);
+    const models = await adapter.models();
+    return {
+      models: keep(models.chat), image_models: keep(models.image), capacity,
+      kind: `userscript/${adapter.id}`, version: VERSION, site: location.host,
+    };
+  }
+
+  async runJob(gateway, adapter, job) {
+    const controller = new AbortController();
+    const reporter = new Reporter(gateway, job, () => controller.abort());
+    this.running.set(job.id, { job, controller });
+    this.show("busy", `Answering with ${job.model}.`);
+    const images = [];
+    const out = { delta: (delta) => reporter.delta(delta), images: (urls) => images.push(...urls) };
+    try {
+      const result = await adapter.run(job, out, controller.signal);
+      if (job.kind === "image") {
+        if (!images.length) throw new WorkerError("upstream_error", "The site answered without an image.");
+        for (const url of images.slice(0, job.request.n || 1)) {
+          reporter.delta({ images: [await imageFor(url, job.request.response_format)] });
+        }
+      }
+      const finish = { reason: result.reason || "stop" };
+      if (result.usage) finish.usage = result.usage;
+      await reporter.finish({ finish });
+    } catch (error) {
+      if (!controller.signal.aborted) {
+        const failure = error instanceof WorkerError ? error : new WorkerError("upstream_error", String(error.message || error));
+        await reporter.finish({ error: { code: failure.code, message: failure.message, retry: failure.retry } });
+        if (failure.human) this.pause(failure.message, true);
+      }
+    } finally {
+      clearInterval(reporter.heartbeat);
+      this.running.delete(job.id);
+      if (!this.paused) this.show(this.running.size ? "busy" : "connected");
+      // A slot is free: wake a loop that waits for one (a claim in flight comes back by itself).
+      if (!this.claiming) this.restart();
+    }
+  }
+
+  handBack() {
+    // The tab is closing: give unfinished jobs back so another worker can take them.
+    const gateway = this.gateway();
+    const jobs = [...this.running.values()];
+    if (gateway && jobs.length) gateway.release(jobs.map((entry) => entry.job)).catch(() => {});
+    jobs.forEach((entry) => entry.controller.abort());
+  }
+}
+
+// An image as the client asked for it: a URL, or the bytes in base64.
+async function imageFor(url, format) {
+  if (format !== "b64_json") return { url };
+  if (url.startsWith("data:")) return { b64_json: url.slice(url.indexOf(",") + 1) };
+  const bytes = new Uint8Array(await gmRequest({ url, binary: true }));
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return { b64_json: btoa(binary) };
+}
+
+settings.seed(PRESET);
+new BrowserWorker().start();
+})();

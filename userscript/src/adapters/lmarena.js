@@ -1,0 +1,154 @@
+// LMArena: runs a job in the page with the user's own session (targets the site as of
+// 2026-11; see docs/userscript.md). Everything specific to the site lives here.
+const lmarena = {
+  id: "lmarena",
+  capacity: 1, // one answer at a time per tab, as a person would
+
+  matches() {
+    return /(^|\.)lmarena\.ai$/.test(location.hostname);
+  },
+
+  // The catalogue sits in the page's HTML (Next.js flight data) as objects with id,
+  // publicName, organization, provider and capabilities.
+  catalogue() {
+    const html = document.documentElement.innerHTML.replace(/\\"/g, '"');
+    const found = new Map();
+    let at = html.indexOf('"publicName"');
+    while (at !== -1) {
+      const object = enclosingObject(html, at);
+      if (object && typeof object.publicName === "string" && typeof object.id === "string") {
+        const output = (object.capabilities && object.capabilities.outputCapabilities) || {};
+        found.set(object.publicName, { id: object.id, image: Boolean(output.image) && !output.text });
+      }
+      at = html.indexOf('"publicName"', at + 1);
+    }
+    return found;
+  },
+
+  async models() {
+    const catalogue = this.catalogue();
+    const chat = [], image = [];
+    for (const [name, model] of catalogue) (model.image ? image : chat).push(name);
+    return { chat, image };
+  },
+
+  async run(job, out, signal) {
+    const model = this.catalogue().get(job.model);
+    if (!model) throw new WorkerError("model_not_found", `This tab's LMArena catalogue has no model '${job.model}'.`);
+    const request = job.request;
+    const { text, images } = job.kind === "image"
+      ? { text: request.prompt, images: [] }
+      : flattenMessages(request.messages);
+    const body = {
+      id: uuid7(),
+      mode: "direct",
+      modelAId: model.id,
+      userMessageId: uuid7(),
+      modelAMessageId: uuid7(),
+      modelBMessageId: uuid7(),
+      userMessage: {
+        content: text,
+        experimental_attachments: images.map((url, i) => ({ name: `image-${i}`, contentType: mimeOf(url), url })),
+        metadata: {},
+      },
+      modality: job.kind === "image" ? "image" : "chat",
+    };
+    const response = await fetch("/nextjs-api/stream/create-evaluation", {
+      method: "POST", credentials: "include", signal,
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    if (!response.ok) throw await refusal(response);
+    let finish = "stop";
+    let failure = null;
+    const citations = [];
+    const decoder = new TextDecoder();
+    const reader = response.body.getReader();
+    const lines = lineSplitter((line) => {
+      const event = parseLine(line);
+      if (!event || failure) return;
+      if (event.type === "text") out.delta({ content: event.value });
+      else if (event.type === "reasoning") out.delta({ reasoning_content: event.value });
+      else if (event.type === "citation") citations.push(event.value);
+      else if (event.type === "images") {
+        if (job.kind === "image") out.images(event.value);
+        else out.delta({ content: event.value.map((url) => `\n![image](${url})\n`).join("") });
+      } else if (event.type === "error") failure = siteError(event.value);
+      else if (event.type === "finish") finish = event.value === "length" ? "length" : "stop";
+    });
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      lines.push(decoder.decode(value, { stream: true }));
+    }
+    lines.end();
+    if (failure) throw failure;
+    const sources = citations.filter((c) => c && c.url).map((c, i) => `[${i + 1}] [${c.title || c.url}](${c.url})`);
+    if (sources.length && job.kind !== "image") out.delta({ content: `\n\nSources:\n${sources.join("\n")}` });
+    return { reason: finish };
+  },
+};
+
+// What a refused request means: a challenge or a lapsed sign-in needs the person at the tab.
+async function refusal(response) {
+  const text = await response.text();
+  if (/<title>\s*Just a moment/i.test(text) || /challenge-platform|cf-chl/i.test(text)) {
+    return needsHuman("LMArena shows a security check. Open the tab and complete it yourself, then press Resume.");
+  }
+  if (response.status === 401 || /session (has )?expired|not (logged|signed) in|unauthori[sz]ed/i.test(text)) {
+    return needsHuman("The LMArena session expired. Sign in again in this tab, then press Resume.");
+  }
+  if (response.status === 429) return new WorkerError("rate_limited", "LMArena is rate limiting this session.");
+  return siteError(`HTTP ${response.status}: ${text.slice(0, 200)}`);
+}
+
+function siteError(text) {
+  if (/content|moderat|policy|flagged/i.test(text)) return new WorkerError("content_filter", `LMArena refused: ${text}`);
+  if (/too long|context/i.test(text)) return new WorkerError("context_length_exceeded", `LMArena: ${text}`);
+  if (/rate limit|too many/i.test(text)) return new WorkerError("rate_limited", `LMArena: ${text}`);
+  return new WorkerError("upstream_error", `LMArena: ${text}`);
+}
+
+// The smallest JSON object around position `at`, found by matching braces outside strings.
+function enclosingObject(text, at) {
+  for (let start = text.lastIndexOf("{", at); start !== -1 && at - start < 4000; start = text.lastIndexOf("{", start - 1)) {
+    const end = matchingBrace(text, start);
+    if (end > at) {
+      try {
+        return JSON.parse(text.slice(start, end + 1));
+      } catch (e) {
+        return null;
+      }
+    }
+  }
+  return null;
+}
+
+function matchingBrace(text, start) {
+  let depth = 0, inString = false;
+  for (let i = start; i < text.length && i - start < 20000; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === "\\") i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') inString = true;
+    else if (c === "{") depth++;
+    else if (c === "}" && --depth === 0) return i;
+  }
+  return -1;
+}
+
+function mimeOf(url) {
+  const match = /^data:([^;,]+)/.exec(url);
+  return match ? match[1] : "image/png";
+}
+
+// UUIDv7 (RFC 9562): 48 bits of milliseconds, then random bits, as the site's ids are.
+function uuid7() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  let ms = Date.now();
+  for (let i = 5; i >= 0; i--) { bytes[i] = ms % 256; ms = Math.floor(ms / 256); }
+  bytes[6] = (bytes[6] & 0x0f) | 0x70;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
