@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the fake site's request log
     stack = Stack("mariadb")
     arena = FakeArena()
     try:
