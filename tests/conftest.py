@@ -192,9 +192,8 @@ def expect(locator):
     return playwright_expect(locator)
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Start Debian's Chromium once for these tests."""
+def launch_chromium(*extra_args: str) -> Iterator:
+    """Start Debian's Chromium under Playwright, or report the missing part."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -203,6 +202,12 @@ def chromium():
     if path is None:
         missing("Chromium is not installed (apt-get install chromium)")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS + list(extra_args))
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Start Debian's Chromium once for these tests."""
+    yield from launch_chromium()

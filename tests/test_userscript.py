@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from conftest import CHROMIUM_ARGS, ROOT, expect, missing, read_until_error
+from conftest import ROOT, expect, launch_chromium, read_until_error
 from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
 from fake_upstream import ANSWER as LOCAL_ANSWER, start_fake_upstream
 from webapp import userscript
@@ -40,18 +39,7 @@ def arena():
 @pytest.fixture(scope="module")
 def chromium_open():
     """Chromium with web security off: the test's stand-in for the manager's cross-origin requests."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("the playwright package is not installed (pip install -r requirements-dev.txt)")
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing("Chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, headless=True,
-                                    args=CHROMIUM_ARGS + ["--disable-web-security"])
-        yield browser
-        browser.close()
+    yield from launch_chromium("--disable-web-security")
 
 
 @pytest.fixture(autouse=True)
