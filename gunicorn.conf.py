@@ -17,6 +17,8 @@ threads = int(os.environ.get("POLLGATE_THREADS", 64))
 timeout = 660
 graceful_timeout = 30
 keepalive = 30
-# Access logs carry paths and status codes, never the Authorization header.
+# Access logs carry the path without its query string (an invite link's secret travels
+# there) and never the Authorization header.
 accesslog = "-"
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
