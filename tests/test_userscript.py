@@ -2,8 +2,10 @@
 serving real jobs from the gateway, asked through the openai package."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import threading
 import time
 
@@ -12,12 +14,12 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from conftest import ROOT, expect, launch_chromium, read_until_error
+from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
 from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
 from fake_upstream import ANSWER as LOCAL_ANSWER, start_fake_upstream
 from webapp import userscript
 from webapp.db import db
-from webapp.models import Job, Worker  # noqa: F401
+from webapp.models import Job, Worker
 
 SHIM = open(os.path.join(ROOT, "tests", "gm_shim.js")).read()
 PROMPT = [{"role": "user", "content": "hello arena"}]
@@ -118,7 +120,7 @@ def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_ta
     reply = api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "draw a cat"}])
     assert "![image](" in reply.choices[0].message.content and "/cat.png)" in reply.choices[0].message.content
     image = api.images.generate(model="arena-image", prompt="draw a cat", response_format="b64_json")
-    assert image.data[0].b64_json == __import__("base64").b64encode(CAT_PNG).decode()
+    assert image.data[0].b64_json == base64.b64encode(CAT_PNG).decode()
     linked = api.images.generate(model="arena-image", prompt="draw a cat")
     assert linked.data[0].url.endswith("/cat.png")
 
@@ -266,12 +268,10 @@ def test_line_parser_and_message_mapping(chromium_open):
 
 
 def test_the_dashboard_hands_out_a_userscript_set_up_for_this_gateway(app, account, live):
-    from conftest import csrf, sign_in
-
     browser = app.test_client()
     sign_in(browser, account.email)
     page = browser.post("/workers", data={"name": "arena tab", "csrf_token": csrf(browser.get("/workers"))})
-    token = __import__("re").search(r'<code id="new-token">([^<]+)</code>', page.text).group(1)
+    token = re.search(r'<code id="new-token">([^<]+)</code>', page.text).group(1)
     script = browser.post("/workers/userscript", data={"token": token, "csrf_token": csrf(page)})
     assert script.status_code == 200 and "attachment" in script.headers["Content-Disposition"]
     assert "pollgate-arena-tab.user.js" in script.headers["Content-Disposition"]
@@ -281,8 +281,6 @@ def test_the_dashboard_hands_out_a_userscript_set_up_for_this_gateway(app, accou
     assert browser.post("/workers/userscript", data={"token": "pgw_nope", "csrf_token": csrf(page)}).status_code == 404
     # Another user cannot get a script with this user's token.
     other = app.test_client()
-    from conftest import make_account
-
     stranger = make_account(app, "stranger@example.com")
     sign_in(other, stranger.email)
     assert other.post("/workers/userscript", data={"token": token, "csrf_token": csrf(other.get("/workers"))}).status_code == 404

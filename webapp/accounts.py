@@ -73,13 +73,15 @@ def create_invite(created_by: int, email: str = "", tier_id: Optional[int] = Non
     return secret
 
 
+def _usable(invite: Optional[Invite]) -> bool:
+    return invite is not None and invite.used_at is None and invite.expires_at > utcnow()
+
+
 def check_invite(secret: str) -> Optional[Invite]:
     """Return the unused, unexpired invite with this secret, if any."""
     with db.read() as s:
         invite = s.scalar(select(Invite).where(Invite.token_hash == hash_secret(secret)))
-    if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
-        return None
-    return invite
+    return invite if _usable(invite) else None
 
 
 def sign_up(email: str, password: str, invite_secret: Optional[str]) -> User:
@@ -89,7 +91,7 @@ def sign_up(email: str, password: str, invite_secret: Optional[str]) -> User:
             return _add_user(s, email, password, False, None)
         # Locked, so one invite makes one account however many forms race it.
         invite = s.scalar(select(Invite).where(Invite.token_hash == hash_secret(invite_secret)).with_for_update())
-        if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
+        if not _usable(invite):
             raise ValueError("this invite is used up or expired; ask for a new one")
         if invite.email and invite.email != email.strip().lower():
             raise ValueError(f"this invite is for {invite.email}")

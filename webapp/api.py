@@ -12,13 +12,10 @@ from . import budget, events, jobs, limits, relay, settings, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
 from .errors import ApiError
-from .models import TERMINAL, Chunk, Job, Worker, utcnow
+from .models import NOT_READY, TERMINAL, Chunk, Job, Worker, utcnow
 from .validation import validate_chat
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
-
-# A worker in one of these states has said it cannot take jobs now.
-NOT_SERVING = ("paused", "needs_human", "error")
 
 
 def epoch(moment: dt.datetime) -> int:
@@ -48,7 +45,7 @@ def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
             select(Worker).where(
                 Worker.revoked_at.is_(None),
                 Worker.last_seen_at > since,
-                Worker.status.notin_(NOT_SERVING),
+                Worker.status.notin_(NOT_READY),
                 (Worker.user_id == user_id) | Worker.shared,
             )
         ).all()

@@ -11,7 +11,7 @@ from sqlalchemy import case, func, select, update
 from . import accounts, limits, usage
 from .browser_worker import gateway_url
 from .db import db
-from .models import ApiKey, Job, Usage, Worker, utcnow
+from .models import NOT_READY, ApiKey, Job, Usage, Worker, utcnow
 
 bp = Blueprint("dashboard", __name__)
 
@@ -153,9 +153,9 @@ def worker_state(worker: Worker, running: int) -> str:
     live = dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
     if worker.last_seen_at is None or utcnow() - worker.last_seen_at > live:
         return "offline"
-    if worker.status in ("paused", "needs_human", "error"):
+    if worker.status in NOT_READY:
         # A browser worker said why it is not claiming; the person who can act should read it.
-        label = {"paused": "paused", "needs_human": "needs a human", "error": "error"}[worker.status]
+        label = worker.status.replace("needs_human", "needs a human")
         return f"{label}: {worker.status_message}" if worker.status_message else label
     return f"busy ({running} running)" if running else "online"
 

@@ -9,7 +9,7 @@ from . import budget, relay, tokens, usage
 from .accounts import authenticate_api_key
 from .api import epoch, hold_slot, json_body, queue_job, resolve_model
 from .errors import ApiError
-from .models import TERMINAL, Job
+from .models import Job
 from .validation import validate_image
 
 bp = Blueprint("images", __name__, url_prefix="/v1")
@@ -37,12 +37,11 @@ def collect_images(job: Job, n: int) -> list[dict[str, Any]]:
     """Wait for an image job to end and return its images, or raise its error."""
     job = relay.wait_for_start(job.id, current_app.config["JOB_TIMEOUT"])
     images: list[dict[str, Any]] = []
-    if job.state not in TERMINAL or job.next_seq:
-        for kind, payload in relay.follow(job.id):
-            if kind == "chunks":
-                images += [image for chunk in payload for image in chunk.delta.get("images", [])]
-            elif kind == "end":
-                job = payload
+    for kind, payload in relay.follow(job.id):
+        if kind == "chunks":
+            images += [image for chunk in payload for image in chunk.delta.get("images", [])]
+        elif kind == "end":
+            job = payload
     if job.state != "completed":
         raise relay.job_error(job)
     if not images:

@@ -33,11 +33,16 @@ def create_installer_app(instance_path: str) -> Flask:
     def start():
         return redirect(url_for("form"))
 
+    def page(values: dict, db_checks=None, error: str = ""):
+        if error:
+            flash(error, "error")
+        return render_template("install.html", checks=installer.environment_checks(instance_path),
+                               db_checks=db_checks, values=values), 400 if error else 200
+
     @app.get("/install")
     def form():
         """Show the environment checks and the installation form."""
-        return render_template("install.html", checks=installer.environment_checks(instance_path),
-                               db_checks=None, values=_defaults())
+        return page(_defaults())
 
     @app.post("/install/test")
     def test_connection():
@@ -46,11 +51,8 @@ def create_installer_app(instance_path: str) -> Flask:
         try:
             url = _database_url(values, instance_path)
         except installer.InstallError as err:
-            flash(str(err), "error")
-            return render_template("install.html", checks=installer.environment_checks(instance_path),
-                                   db_checks=None, values=values), 400
-        return render_template("install.html", checks=installer.environment_checks(instance_path),
-                               db_checks=installer.database_checks(url), values=values)
+            return page(values, error=str(err))
+        return page(values, installer.database_checks(url))
 
     @app.post("/install")
     def run():
@@ -63,9 +65,7 @@ def create_installer_app(instance_path: str) -> Flask:
                 raise installer.InstallError("The two administrator passwords differ.")
             installer.install(instance_path, answers)
         except installer.InstallError as err:
-            flash(str(err), "error")
-            return render_template("install.html", checks=installer.environment_checks(instance_path),
-                                   db_checks=None, values=values), 400
+            return page(values, error=str(err))
         # The next request of this process goes to the real app; this page is the last.
         return render_template("install_done.html", cron=installer.cron_lines(), admin_email=answers.admin_email,
                                site_url=answers.site_url or request.url_root.rstrip("/"))

@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from werkzeug.security import generate_password_hash
 
+from . import accounts, create_app, migrate
 from .db import db, skip_locked_from_version
 from .models import User
 
@@ -221,8 +222,6 @@ def install(instance_path: str, answers: Answers) -> None:
             raise InstallError(failed[0].detail)
         secret_key = secrets.token_hex(32)
         # Build the real app on the new database to run its own migrations and account code.
-        from . import accounts, create_app, migrate
-
         app = create_app({"DATABASE_URL": answers.database_url, "SECRET_KEY": secret_key},
                          instance_path=instance_path)
         with app.app_context():
@@ -232,7 +231,7 @@ def install(instance_path: str, answers: Answers) -> None:
                 raise InstallError(str(err)) from None
             except SQLAlchemyError as err:
                 raise InstallError(f"The migrations failed: {describe_db_error(err)}") from None
-            _ensure_admin(accounts, answers.admin_email, answers.admin_password)
+            _ensure_admin(answers.admin_email, answers.admin_password)
         app.extensions["pollgate.engine"].dispose()
         try:
             write_config(instance_path, answers.database_url, secret_key, answers.site_url)
@@ -241,7 +240,7 @@ def install(instance_path: str, answers: Answers) -> None:
                                "Give the app's user write access to the instance folder.") from None
 
 
-def _ensure_admin(accounts, email: str, password: str) -> None:
+def _ensure_admin(email: str, password: str) -> None:
     """Create the first admin, or on a resumed install make the existing account admin again."""
     existing = accounts.find_user(email)
     if existing is None:

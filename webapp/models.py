@@ -38,6 +38,8 @@ def utcnow() -> dt.datetime:
 
 # Job states after which nothing more happens to a job.
 TERMINAL = ("completed", "failed", "cancelled", "expired")
+# Worker states a worker reports when it cannot take jobs now; claiming again means ready.
+NOT_READY = ("paused", "needs_human", "error")
 
 # The sliding windows every limit is counted over, in seconds.
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}

@@ -13,15 +13,13 @@ from .accounts import authenticate_worker
 from .api import json_body
 from .db import db
 from .errors import ApiError
-from .models import Job, Worker, utcnow
+from .models import NOT_READY, Job, Worker, utcnow
 
 bp = Blueprint("worker_api", __name__, url_prefix="/worker/v1")
 
 MAX_MODELS = 64
 MAX_JOBS_PER_CLAIM = 32
 DELTA_FIELDS = {"content": str, "reasoning_content": str, "refusal": str, "tool_calls": list, "images": list}
-# A worker that is not claiming says why; the dashboard and the admin view show it.
-STATUSES = ("paused", "needs_human", "error")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 SEEN_GRANULARITY = dt.timedelta(seconds=10)
 
@@ -139,8 +137,8 @@ def status():
     worker = authenticate_worker(request.headers.get("Authorization"))
     body = json_body()
     state = body.get("status") if isinstance(body, dict) else None
-    if state not in STATUSES:
-        raise bad(f"status must be one of {', '.join(STATUSES)}; claiming again means ready.", "status")
+    if state not in NOT_READY:
+        raise bad(f"status must be one of {', '.join(NOT_READY)}; claiming again means ready.", "status")
     message = body.get("message", "")
     if not isinstance(message, str):
         raise bad("message must be a string.", "message")
