@@ -11,7 +11,7 @@ from sqlalchemy import select
 from . import budget, events, jobs, limits, relay, settings, tokens, usage
 from .accounts import authenticate_api_key
 from .db import db
-from .errors import ApiError
+from .errors import ApiError, json_body
 from .models import NOT_READY, TERMINAL, Chunk, Job, Worker, utcnow
 from .validation import validate_chat
 
@@ -21,19 +21,6 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 def epoch(moment: dt.datetime) -> int:
     """Return a naive-UTC datetime as Unix seconds."""
     return int(moment.replace(tzinfo=dt.timezone.utc).timestamp())
-
-
-def json_body() -> Any:
-    """Parse the request body as JSON or raise a clear 400."""
-    body = request.get_json(silent=True, force=True)
-    if body is None:
-        raise ApiError(
-            400,
-            "We could not parse the JSON body of your request. Send valid JSON with "
-            "'Content-Type: application/json'.",
-            code="invalid_json",
-        )
-    return body
 
 
 def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import re
+from typing import Any
+
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -50,6 +53,40 @@ class ApiError(Exception):
     def body(self) -> dict:
         """Return the OpenAI error envelope."""
         return error_body(self.status, self.message, self.code, self.param)
+
+
+# Deeper JSON than this is no chat request: refuse it before anything walks it recursively.
+MAX_JSON_DEPTH = 64
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_body() -> Any:
+    """Parse the request body as JSON, with valid Unicode and bounded nesting, or raise a clear 400."""
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:  # Python's parser gives up on very deep nesting before we could
+        body = None
+    if body is None:
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. Send valid JSON with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+        )
+    return clean_json(body)
+
+
+def clean_json(value: Any, depth: int = 0) -> Any:
+    """Replace lone UTF-16 surrogates (unstorable, unprintable) with U+FFFD and refuse deep nesting."""
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [clean_json(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {clean_json(k, depth + 1): clean_json(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 def error_body(status: int, message: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:

@@ -7,8 +7,8 @@ from flask import Blueprint, current_app, jsonify, request
 
 from . import budget, relay, tokens, usage
 from .accounts import authenticate_api_key
-from .api import epoch, hold_slot, json_body, queue_job, resolve_model
-from .errors import ApiError
+from .api import epoch, hold_slot, queue_job, resolve_model
+from .errors import ApiError, json_body
 from .models import Job
 from .validation import validate_image
 

@@ -10,9 +10,8 @@ from sqlalchemy import update
 
 from . import budget, jobs, maintenance, wake
 from .accounts import authenticate_worker
-from .api import json_body
 from .db import db
-from .errors import ApiError
+from .errors import ApiError, json_body
 from .models import NOT_READY, Job, Worker, utcnow
 
 bp = Blueprint("worker_api", __name__, url_prefix="/worker/v1")
