@@ -2,6 +2,6 @@
 import os, sys  # noqa: E401
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from webapp.maintenance import run_from_cron  # noqa: E402
+from webapp.cron import run_from_cron  # noqa: E402
 
 sys.exit(run_from_cron("reap"))

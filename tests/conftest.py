@@ -35,6 +35,9 @@ TEST_CONFIG = {
     "WAKE_RECHECK": 0.5,
     "CLAIM_WAIT_MAX": 5.0,
     "HEARTBEAT_INTERVAL": 2.0,
+    # Readers renew often, so a lapse in a test means a dead reader, not a slow machine.
+    "HOLD_RENEW": 0.5,
+    "HOLD_TTL": 5.0,
     "DB_POOL_SIZE": 20,
     # No tier by default, so tests that send many requests are not rate limited; the
     # limit tests give their users tiers.

@@ -37,7 +37,7 @@ def test_non_admins_get_403_everywhere(app, account):
 def test_admin_sees_the_queue_and_cancels_a_job(app, admin):
     client, account = admin
     with app.app_context():
-        job = jobs.submit_job(account.user_id, None, "echo", {"model": "echo", "messages": PROMPT}, False)
+        job, _ = jobs.submit_job(account.user_id, None, "echo", {"model": "echo", "messages": PROMPT}, False)
     page = client.get("/admin/").text
     assert re.search(r'data-model="echo"><td>echo</td><td class="queued">1<', page)
     r = client.post(f"/admin/jobs/{job.id}/cancel", data={"csrf_token": csrf(client.get("/admin/"))})

@@ -71,7 +71,7 @@ def test_admin_edits_a_tier_and_cancels_a_job(page, app, live):
     with app.app_context():
         with db.begin() as s:
             s.execute(update(User).where(User.id == root.user_id).values(is_admin=True))
-        job = jobs.submit_job(root.user_id, None, "echo", {"model": "echo", "messages": []}, False)
+        job, _ = jobs.submit_job(root.user_id, None, "echo", {"model": "echo", "messages": []}, False)
     page.goto("/login")
     page.fill("input[name=email]", root.email)
     page.fill("input[name=password]", PASSWORD)

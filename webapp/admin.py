@@ -4,14 +4,14 @@ from __future__ import annotations
 import datetime as dt
 from functools import wraps
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import func, select, update
 
 from . import accounts, budget, events, jobs, migrate, settings
-from .dashboard import worker_state
 from .db import db
 from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
+from .workers import worker_state
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -242,29 +242,12 @@ def upgrade():
         except RuntimeError as err:
             flash(f"The migrations did not run: {err}", "error")
             return redirect(url_for("admin.upgrade"))
-        current_app.extensions["pollgate.pending"] = []
         events.record("upgraded", current_user.email, "database migrations applied", current_user.id)
         flash("The database is up to date.", "info")
         return redirect(url_for("admin.upgrade"))
-    return render_template("admin/upgrade.html", pending=pending_migrations())
-
-
-def pending_migrations() -> list[str]:
-    """Return the migrations not yet applied, looked up once per process (an upload restarts it)."""
-    ext = current_app.extensions
-    if "pollgate.pending" not in ext:
-        ext["pollgate.pending"] = migrate.pending()
-    return ext["pollgate.pending"]
-
-
-@bp.before_app_request
-def lead_admins_to_upgrade():
-    """After a new version is uploaded, send administrators to the upgrade page first."""
-    if request.blueprint in ("api", "worker_api", "admin") or request.endpoint in (None, "static", "auth.logout"):
-        return None
-    if current_user.is_authenticated and current_user.is_admin and pending_migrations():
-        return redirect(url_for("admin.upgrade"))
-    return None
+    # Administrators are led here by migrate.hold_until_upgraded while the schema differs.
+    state = migrate.schema_state()
+    return render_template("admin/upgrade.html", state=state, problem=migrate.describe(state))
 
 
 @bp.post("/invites")

@@ -1,51 +1,27 @@
-"""The OpenAI-compatible API: chat completions (plain and streamed) and the model list."""
+"""The OpenAI-compatible API: chat completions (plain and streamed), images, models and usage.
+
+Every completion or image request goes one way: take a held-request slot, queue the job
+(admitted against the caller's limits), relay its answer, then `end_request`.
+"""
 from __future__ import annotations
 
 import datetime as dt
-import json
-from typing import Any, Iterator
+import logging
+from typing import Any, Callable, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
-from sqlalchemy import select
 
 from . import budget, events, jobs, limits, relay, settings, tokens, usage
 from .accounts import authenticate_api_key
-from .db import db
-from .errors import ApiError, json_body
-from .models import NOT_READY, TERMINAL, Chunk, Job, Worker, utcnow
-from .validation import validate_chat
+from .completions import chunk_event, completion, images, sse, usage_event
+from .errors import ApiError, ClientGone, json_body
+from .models import TERMINAL, Job, epoch, utcnow
+from .relay import Reader
+from .validation import validate_chat, validate_image
+from .workers import live_models
 
+log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/v1")
-
-
-def epoch(moment: dt.datetime) -> int:
-    """Return a naive-UTC datetime as Unix seconds."""
-    return int(moment.replace(tzinfo=dt.timezone.utc).timestamp())
-
-
-def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
-    """Map each model of this kind ("chat", "image" or "any") that a live, ready worker visible
-    to this user advertises to when it was first seen."""
-    since = utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
-    with db.read() as s:
-        workers = s.scalars(
-            select(Worker).where(
-                Worker.revoked_at.is_(None),
-                Worker.last_seen_at > since,
-                Worker.status.notin_(NOT_READY),
-                (Worker.user_id == user_id) | Worker.shared,
-            )
-        ).all()
-    models: dict[str, int] = {}
-    for worker in workers:
-        offered = {"chat": worker.models, "image": worker.image_models}.get(kind, worker.models + worker.image_models)
-        for model in offered:
-            models[model] = min(models.get(model, epoch(worker.created_at)), epoch(worker.created_at))
-    # An alias is live while the model it names is.
-    for alias, target in settings.aliases().items():
-        if target in models:
-            models.setdefault(alias, models[target])
-    return models
 
 
 def model_object(model_id: str, created: int) -> dict[str, Any]:
@@ -95,30 +71,73 @@ def resolve_model(key, asked: str, kind: str = "chat") -> str:
 
 def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
               kind: str = "chat") -> Job:
-    """Admit a job against the caller's limits, queue it, and put the rate-limit headers on the answer."""
-    states: list[limits.WindowState] = []
+    """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer."""
 
-    def admit(s, job, now):
-        states.extend(limits.admit(s, key, job, prompt_tokens, now))
+    def admit(s, job, now) -> list[limits.WindowState]:
+        states = limits.admit(s, key, job, prompt_tokens, now)
+        usage.open_row(s, job, key.id, prompt_tokens, now)
+        return states
 
     try:
-        job = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit)
+        job, states = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit,
+                                      reader=True)
     except ApiError as err:
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)
         raise
-    rate_headers = limits.headers(states)
+    rate_headers = limits.headers(states or [])
     after_this_request(lambda response: add_headers(response, rate_headers))
     return job
 
 
-def hold_slot() -> int:
-    """Take a held-request slot for one API request, or refuse it before anything is queued.
+def start_request(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
+                  kind: str = "chat") -> Reader:
+    """Take a held-request slot, then queue the job; whoever gets the reader must call end_request.
 
-    Each request holds a process until it ends (a Passenger process serves one at a
-    time). A job ends by its deadline, so the slot lapses by then even if this process dies.
+    Each request holds a process (or thread) until it ends, so the slot is taken before
+    anything is queued and refused quickly when the gateway is full.
     """
-    return budget.acquire_or_refuse("streams", current_app.config["JOB_TIMEOUT"] + 30)
+    hold = budget.acquire_or_refuse("streams", current_app.config["HOLD_TTL"], key.user_id)
+    try:
+        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind)
+    except BaseException:
+        budget.release(hold)
+        raise
+    return Reader.for_request(job.id, hold)
+
+
+def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None) -> None:
+    """End an API request the one way: stop its job unless it ended, settle its usage, give its slot back.
+
+    Pass `deltas` when the request relayed every chunk of the ended job. Each step stands
+    alone: if the database is unreachable now, the job's reader expiry lapses and the
+    reaper cancels and settles it within HOLD_TTL.
+    """
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("settle", lambda: usage.settle(reader.job_id, deltas if ended else None)),
+        ("release", lambda: budget.release(reader.hold)),
+    ]
+    if not ended:
+        # The caller will never read this job's answer: do not let a worker go on producing it.
+        steps.insert(0, ("cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away.")))
+    for name, step in steps:
+        try:
+            step()
+        except Exception:
+            log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
+
+
+def follow_to_end(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
+    """Relay a job until it ends; return it with every delta it produced."""
+    deltas: list[dict[str, Any]] = []
+    job: Optional[Job] = None
+    for kind, payload in relay.follow(reader):
+        if kind == "chunks":
+            deltas.extend(chunk.delta for chunk in payload)
+        elif kind == "end":
+            job = payload
+    assert job is not None
+    return job, deltas
 
 
 @bp.post("/chat/completions")
@@ -127,71 +146,69 @@ def chat_completions():
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage = validate_chat(json_body())
     model = worker_request["model"] = resolve_model(key, worker_request["model"])
-    prompt_tokens = tokens.count_prompt(worker_request["messages"])
-    cfg = current_app.config
-    hold = hold_slot()
-    streaming = False
+    reader = start_request(key, model, worker_request, stream, tokens.count_prompt(worker_request["messages"]))
+    if stream:
+        return stream_response(reader, include_usage)
+    ended, deltas = False, None
     try:
-        job = queue_job(key, model, worker_request, stream, prompt_tokens)
-        # Wait for the first output before answering, so a worker that fails at once gives the
-        # client a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
-        try:
-            job = relay.wait_for_start(job.id, cfg["HEARTBEAT_INTERVAL"] if stream else cfg["JOB_TIMEOUT"])
-        except BaseException:
-            # The caller will never read this job's answer: do not let a worker produce it.
-            jobs.cancel_job(job.id, "client_gone", "The request ended before the answer started.")
-            usage.settle(job.id)
-            raise
-        if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
-            usage.settle(job.id)
+        job, deltas = follow_to_end(reader)
+        ended = True
+        if job.state != "completed":
             raise relay.job_error(job)
-        if stream:
-            streaming = True  # the stream gives the slot back when it ends
-            return Response(
-                stream_with_context(sse_stream(job, include_usage, hold)),
-                mimetype="text/event-stream",
-                headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
-            )
-        try:
-            return jsonify(collect(job))
-        finally:
-            usage.settle(job.id)
+        return jsonify(completion(job, deltas))
     finally:
-        if not streaming:
-            budget.release(hold)
+        end_request(reader, ended, deltas)
 
 
-def add_headers(response: Response, headers: dict[str, str]) -> Response:
-    """Copy headers onto a response (error responses included)."""
-    response.headers.update(headers)
-    return response
+@bp.post("/images/generations")
+def generate_images():
+    """Queue an image request for a worker and answer with its images, as OpenAI does."""
+    key = authenticate_api_key(request.headers.get("Authorization"))
+    worker_request = validate_image(json_body())
+    model = worker_request["model"] = resolve_model(key, worker_request["model"], "image")
+    reader = start_request(key, model, worker_request, False, tokens.count_text(worker_request["prompt"]),
+                           kind="image")
+    ended, deltas = False, None
+    try:
+        job, deltas = follow_to_end(reader)
+        ended = True
+        if job.state != "completed":
+            raise relay.job_error(job)
+        found = images(deltas, worker_request["n"])
+        if not found:
+            raise ApiError(502, "The worker finished without producing an image.", code="upstream_error")
+        return jsonify({"created": epoch(job.created_at), "data": found})
+    finally:
+        end_request(reader, ended, deltas)
 
 
-def chunk_event(job: Job, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    """Build one chat.completion.chunk."""
-    return {
-        "id": job.public_id,
-        "object": "chat.completion.chunk",
-        "created": epoch(job.created_at),
-        "model": job.model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+def stream_response(reader: Reader, include_usage: bool) -> Response:
+    """Start an event stream once the job has output (or HEARTBEAT_INTERVAL passed), or answer its error."""
+    # Waiting for the first output first lets a worker that fails at once give the client
+    # a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
+    try:
+        job = relay.wait_for_start(reader, current_app.config["HEARTBEAT_INTERVAL"])
+    except BaseException:
+        end_request(reader, ended=False)
+        raise
+    if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
+        end_request(reader, ended=True)
+        raise relay.job_error(job)
+    return Response(
+        stream_with_context(sse_stream(reader, job, include_usage)),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
+    )
 
 
-def sse(data: Any) -> str:
-    """Frame one server-sent event."""
-    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-def sse_stream(job: Job, include_usage: bool, hold: int = 0) -> Iterator[str]:
-    """Relay a job as OpenAI's event stream; a client that leaves cancels the job."""
+def sse_stream(reader: Reader, job: Job, include_usage: bool) -> Iterator[str]:
+    """Relay a job as OpenAI's event stream; every stream a live process serves ends with [DONE]."""
     # The role chunk goes out at once: Passenger sends no headers before the first bytes.
     yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
     deltas: list[dict[str, Any]] = []
-    finished = False
+    ended = False
     try:
-        for kind, payload in relay.follow(job.id):
+        for kind, payload in relay.follow(reader):
             if kind == "chunks":
                 for chunk in payload:
                     deltas.append(chunk.delta)
@@ -200,78 +217,30 @@ def sse_stream(job: Job, include_usage: bool, hold: int = 0) -> Iterator[str]:
                 yield ": keep-alive\n\n"
             else:
                 job = payload
-        finished = True
+        ended = True
         if job.state != "completed":
             yield sse(relay.job_error(job).body())
-            return
-        yield sse(chunk_event(job, {}, job.finish_reason or "stop"))
-        if include_usage:
-            usage_event = chunk_event(job, {})
-            usage_event["choices"] = []
-            usage_event["usage"] = usage_for(job, deltas)
-            yield sse(usage_event)
+        else:
+            yield sse(chunk_event(job, {}, job.finish_reason or "stop"))
+            if include_usage:
+                yield sse(usage_event(job, deltas))
         yield "data: [DONE]\n\n"
+    except ApiError as err:
+        # No worker in time, or the database gone past DB_OUTAGE_GRACE: say so and end cleanly.
+        yield sse(err.body())
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        pass
     finally:
-        if not finished:
-            # GeneratorExit: the client disconnected; tell the worker to stop.
-            jobs.cancel_job(job.id, "client_gone", "The client disconnected.")
-        # Accounted even when abandoned: what the worker produced so far is counted.
-        usage.settle(job.id, deltas if finished else None)
-        budget.release(hold)
+        # GeneratorExit (the client disconnected) lands here too. Accounted even when
+        # abandoned: what the worker produced so far is counted.
+        end_request(reader, ended, deltas)
 
 
-def collect(job: Job) -> dict[str, Any]:
-    """Wait for a job to end and build the chat.completion, or raise its error."""
-    chunks: list[Chunk] = []
-    for kind, payload in relay.follow(job.id):
-        if kind == "chunks":
-            chunks.extend(payload)
-        elif kind == "end":
-            job = payload
-    if job.state != "completed":
-        raise relay.job_error(job)
-    deltas = [c.delta for c in chunks]
-    return {
-        "id": job.public_id,
-        "object": "chat.completion",
-        "created": epoch(job.created_at),
-        "model": job.model,
-        "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": merge_deltas(deltas), "logprobs": None, "finish_reason": job.finish_reason or "stop"}
-        ],
-        "usage": usage_for(job, deltas),
-    }
-
-
-def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fold streamed deltas into one assistant message."""
-    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
-    calls: dict[int, dict[str, Any]] = {}
-    for delta in deltas:
-        for field in ("content", "reasoning_content", "refusal"):
-            if isinstance(delta.get(field), str):
-                message[field] = (message.get(field) or "") + delta[field]
-        for part in delta.get("tool_calls") or []:
-            call = calls.setdefault(
-                part.get("index", len(calls)),
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-            )
-            call["id"] = part.get("id") or call["id"]
-            function = part.get("function") or {}
-            call["function"]["name"] += function.get("name") or ""
-            call["function"]["arguments"] += function.get("arguments") or ""
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    if message["content"] is None and not calls:
-        message["content"] = ""
-    return message
-
-
-def usage_for(job: Job, deltas: list[dict[str, Any]]) -> dict[str, int]:
-    """Return the usage a client sees: the same counts its usage row is settled with."""
-    prompt, completion, _ = usage.job_tokens(job, deltas)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def add_headers(response: Response, headers: dict[str, str]) -> Response:
+    """Copy headers onto a response (error responses included)."""
+    response.headers.update(headers)
+    return response
 
 
 @bp.get("/usage")

@@ -1,21 +1,30 @@
-"""The held-request budget: caps on open long-polls and open API requests, shared by every process.
+"""The held-request budget: caps on open long-polls and open API requests, per process and shared.
 
-Under Passenger each held request holds a whole process, and past the account's entry
-process limit the host answers 508 to everyone (see docs/deploy.md). So the app counts
-its own held requests in the database and turns away the one too many with a quick
-429/503 and Retry-After, which clients and workers know how to wait out.
+Two caps guard the same thing from two sides. Under Passenger each held request holds a
+whole process, and past the account's entry process limit the host answers 508 to
+everyone (see docs/deploy.md); so the app counts its held requests in the database and
+turns away the one too many with a quick 429/503 and Retry-After, which clients and
+workers know how to wait out. Under threaded gunicorn a held request holds a thread; if
+held requests took every thread, the chunk reports their own answers wait for could not
+get in; so each process also caps what it holds itself (MAX_HELD_PER_PROCESS).
+
+Held API requests renew their slot every HOLD_RENEW seconds (see `renew`); a slot not
+renewed within HOLD_TTL belongs to a dead process and lapses.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
+import threading
 from typing import Optional
 
-from sqlalchemy import delete, func, select
+from flask import current_app
+from sqlalchemy import delete, func, select, update
 
 from . import settings
-from .db import db
+from .db import db, retrying
 from .errors import ApiError
-from .models import HeldRequest, Setting, utcnow
+from .models import HeldRequest, Job, Setting, utcnow
 
 KINDS = {"long_polls": "worker long-polls", "streams": "open API requests"}
 # The row every acquirer locks, so counting and taking a slot is one step across processes.
@@ -23,8 +32,18 @@ LOCK_ROW = "_held_lock"
 # Seconds a turned-away caller is asked to wait: about a long-poll's natural turnover.
 RETRY_AFTER = {"long_polls": 10, "streams": 3}
 
+_here = {"held": 0}
+_here_lock = threading.Lock()
 
-def acquire(kind: str, ttl: float) -> Optional[int]:
+
+def user_share(limit: int) -> int:
+    """Return how many of `limit` slots one user may hold: FAIR_SHARE of them, leaving one for others."""
+    share = math.floor(limit * current_app.config["FAIR_SHARE"])
+    return max(1, min(share, limit - 1)) if limit > 1 else limit
+
+
+@retrying
+def acquire(kind: str, ttl: float, user_id: Optional[int] = None) -> Optional[int]:
     """Take a slot for `ttl` seconds; return its id (0 when there is no cap), or None when full."""
     limit = settings.get(f"max_{kind}")
     if not limit:
@@ -33,36 +52,90 @@ def acquire(kind: str, ttl: float) -> Optional[int]:
     with db.begin() as s:
         # SQLite's BEGIN IMMEDIATE already serialises; on MySQL this row lock does.
         s.execute(select(Setting.name).where(Setting.name == LOCK_ROW).with_for_update())
-        live = s.scalar(select(func.count()).select_from(HeldRequest)
-                        .where(HeldRequest.kind == kind, HeldRequest.expires_at > now))
-        if live >= limit:
+        live = (HeldRequest.kind == kind) & (HeldRequest.expires_at > now)
+        if s.scalar(select(func.count()).select_from(HeldRequest).where(live)) >= limit:
             return None
-        hold = HeldRequest(kind=kind, expires_at=now + dt.timedelta(seconds=ttl), created_at=now)
+        if user_id is not None and s.scalar(
+            select(func.count()).select_from(HeldRequest).where(live, HeldRequest.user_id == user_id)
+        ) >= user_share(limit):
+            return None
+        hold = HeldRequest(kind=kind, user_id=user_id, expires_at=now + dt.timedelta(seconds=ttl), created_at=now)
         s.add(hold)
         s.flush()
         return hold.id
 
 
-def acquire_or_refuse(kind: str, ttl: float) -> int:
-    """Take a slot or raise the quick refusal the caller knows how to wait out."""
-    hold = acquire(kind, ttl)
+def acquire_or_refuse(kind: str, ttl: float, user_id: Optional[int] = None) -> int:
+    """Take a slot in this process and in the shared budget, or raise the quick refusal."""
+    take_local(kind)
+    try:
+        hold = acquire(kind, ttl, user_id)
+    except BaseException:
+        release_local()
+        raise
     if hold is None:
+        release_local()
         limit = settings.get(f"max_{kind}")
-        raise ApiError(
-            503 if kind == "streams" else 429,
-            f"The gateway is holding as many {KINDS[kind]} as its hosting allows ({limit}). "
-            f"Try again in {RETRY_AFTER[kind]} seconds.",
-            code="gateway_busy",
-            retry_after=RETRY_AFTER[kind],
-        )
+        raise busy(kind, f"The gateway is holding as many {KINDS[kind]} as its hosting allows ({limit}), "
+                         f"or as many as one account may hold ({user_share(limit)}).")
     return hold
 
 
-def release(hold: int) -> None:
-    """Give a slot back (a crashed process's slot lapses at its expiry instead)."""
+def take_local(kind: str) -> None:
+    """Count one more held request in this process, or refuse it at once past MAX_HELD_PER_PROCESS."""
+    cap = current_app.config["MAX_HELD_PER_PROCESS"]
+    with _here_lock:
+        if cap and _here["held"] >= cap:
+            full = True
+        else:
+            full = False
+            _here["held"] += 1
+    if full:
+        raise busy(kind, f"This gateway process is holding as many requests as it may ({cap}).")
+
+
+def release_local() -> None:
+    """Count one held request fewer in this process."""
+    with _here_lock:
+        _here["held"] = max(0, _here["held"] - 1)
+
+
+def busy(kind: str, why: str) -> ApiError:
+    """Build the quick refusal a caller knows how to wait out."""
+    return ApiError(
+        503 if kind == "streams" else 429,
+        f"{why} Try again in {RETRY_AFTER[kind]} seconds.",
+        code="gateway_busy",
+        retry_after=RETRY_AFTER[kind],
+    )
+
+
+@retrying
+def renew(hold: int, job_id: Optional[int], ttl: float) -> None:
+    """Tell the database this request's reader is alive: push its job's and its slot's expiry on."""
+    until = utcnow() + dt.timedelta(seconds=ttl)
+    with db.begin() as s:
+        # Lock order: jobs before held_requests.
+        if job_id is not None:
+            s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
+                      .values(reader_expires_at=until))
+        if hold:
+            s.execute(update(HeldRequest).where(HeldRequest.id == hold).values(expires_at=until))
+
+
+def release(hold: Optional[int]) -> None:
+    """Give a slot back, here and in the shared budget (a dead process's slot lapses instead)."""
+    if hold is None:
+        return
+    release_local()
     if hold:
-        with db.begin() as s:
-            s.execute(delete(HeldRequest).where(HeldRequest.id == hold))
+        _delete(hold)
+
+
+@retrying
+def _delete(hold: int) -> None:
+    with db.begin() as s:
+        s.execute(delete(HeldRequest).where(HeldRequest.id == hold))
 
 
 def in_use() -> dict[str, tuple[int, int]]:
@@ -78,3 +151,8 @@ def purge(now: dt.datetime) -> int:
     """Delete lapsed slots; return how many."""
     with db.begin() as s:
         return s.execute(delete(HeldRequest).where(HeldRequest.expires_at < now)).rowcount
+
+
+def held_here() -> int:
+    """Return how many held requests this process counts now."""
+    return _here["held"]

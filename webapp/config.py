@@ -48,6 +48,23 @@ WAKE_TICK = 0.002  # one watcher thread per process does the stats, so a short t
 WAKE_RECHECK = 2.0
 REAP_INTERVAL = 10.0  # how often a process reaps expired leases lazily on the request path
 
+# Readers' heartbeat: an open API request renews its hold (and its job's) every HOLD_RENEW
+# seconds; one not renewed for HOLD_TTL seconds belongs to a dead process, so its slot is
+# freed and its job cancelled. Keep HOLD_TTL a few renewals long: a renewal can wait on a
+# busy database.
+HOLD_RENEW = 5.0
+HOLD_TTL = 30.0
+# A stream that cannot read the database retries this long before it ends with an error
+# event; a MariaDB restart takes a few seconds.
+DB_OUTAGE_GRACE = 15.0
+# Held requests (long-polls plus open API requests) one process may hold; 0 for no cap.
+# A threaded server must keep threads free for workers' chunk reports and for pages, or
+# held streams starve the reports their own answers need; gunicorn.conf.py derives it
+# from its thread count. Under Passenger a process serves one request, so 0.
+MAX_HELD_PER_PROCESS = 0
+# No one user (with their workers) may hold more than this share of each kind's budget.
+FAIR_SHARE = 0.5
+
 # Body limits: MySQL 5.7's max_allowed_packet can be 4 MB.
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024
 MAX_CHUNKS_PER_REPORT = 2000

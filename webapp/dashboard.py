@@ -4,14 +4,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import case, func, select, update
 
 from . import accounts, limits, usage
 from .browser_worker import gateway_url
 from .db import db
-from .models import NOT_READY, ApiKey, Job, Usage, Worker, utcnow
+from .models import ApiKey, Job, Usage, Worker, utcnow
+from .workers import worker_state
 
 bp = Blueprint("dashboard", __name__)
 
@@ -144,20 +145,6 @@ def worker_page(**extra) -> dict:
         ).all())
     return {"workers": found, "states": {w.id: worker_state(w, busy.get(w.id, 0)) for w in found},
             "secret": None, "gateway_url": gateway_url(), **extra}
-
-
-def worker_state(worker: Worker, running: int) -> str:
-    """Describe a worker in a few words: revoked, offline, paused or needing a human (and why), busy (n), online."""
-    if worker.revoked_at is not None:
-        return "revoked"
-    live = dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
-    if worker.last_seen_at is None or utcnow() - worker.last_seen_at > live:
-        return "offline"
-    if worker.status in NOT_READY:
-        # A browser worker said why it is not claiming; the person who can act should read it.
-        label = worker.status.replace("needs_human", "needs a human")
-        return f"{label}: {worker.status_message}" if worker.status_message else label
-    return f"busy ({running} running)" if running else "online"
 
 
 @bp.post("/workers")

@@ -1,15 +1,23 @@
 """The database handle: one engine per app, short explicit transactions."""
 from __future__ import annotations
 
+import functools
+import logging
+import random
 import re
+import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from flask import Flask, current_app
 from sqlalchemy import MetaData, Table, create_engine, event, text
 from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Named constraints let Alembic drop and alter them on MySQL and SQLite alike.
 NAMING = {
@@ -130,7 +138,16 @@ class Database:
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
-        """Run one write transaction: commit on success, roll back on error."""
+        """Run one write transaction: commit on success, roll back on error.
+
+        Lock order. Every writer takes row locks in this order, so no two of our own
+        transactions can wait on each other in a cycle: users -> api_keys -> settings (the
+        budget's lock row) -> rate_buckets -> jobs -> usage -> chunks -> usage_daily ->
+        workers -> held_requests. A foreign key check takes a shared lock on the parent row,
+        so a unit that inserts a child of `users` (usage_daily, usage) after touching a later
+        table must lock its user first (see usage.settle). What InnoDB still picks as a
+        deadlock victim, `retrying` runs again.
+        """
         with current_app.extensions["pollgate.sessions"]() as session, session.begin():
             yield session
 
@@ -147,3 +164,68 @@ class Database:
 
 
 db = Database()
+
+
+# InnoDB's deadlock victim (1213) and lock wait timeout (1205): the transaction was rolled
+# back whole and running it again is the documented remedy (MySQL manual, "How to Minimize
+# and Handle Deadlocks").
+RETRYABLE_CODES = {1205, 1213}
+# The server is gone or refuses us for now: not the caller's fault, and it passes.
+# 1040/1203/1226 too many connections, 1053 shutdown, 1927 connection killed, 2002/2003
+# cannot connect, 2006 gone away, 2013 lost during a query, 2014/2055 broken link,
+# 4031 closed for inactivity.
+UNAVAILABLE_CODES = {1040, 1053, 1203, 1226, 1927, 2002, 2003, 2005, 2006, 2013, 2014, 2055, 4031}
+RETRY_ATTEMPTS = 5
+
+
+def _mysql_code(err: BaseException) -> Optional[int]:
+    orig = getattr(err, "orig", None)
+    args = getattr(orig, "args", None)
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def is_conflict(err: BaseException) -> bool:
+    """Tell whether the database rolled a transaction back only because it collided with another."""
+    if not isinstance(err, exc.OperationalError):
+        return False
+    if _mysql_code(err) in RETRYABLE_CODES:
+        return True
+    return "database is locked" in str(getattr(err, "orig", ""))
+
+
+def is_unavailable(err: BaseException) -> bool:
+    """Tell whether an error means the database cannot be reached or is too busy right now."""
+    if isinstance(err, exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(err, (exc.OperationalError, exc.InterfaceError)):
+        return False
+    if getattr(err, "connection_invalidated", False) or is_conflict(err):
+        return True
+    code = _mysql_code(err)
+    if code is not None:
+        return code in UNAVAILABLE_CODES
+    return "unable to open database" in str(getattr(err, "orig", ""))
+
+
+def retrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run a unit of work again, whole, when the database picks it as a deadlock victim.
+
+    The unit must open its own transactions and be safe to repeat: everything it wrote in
+    the failed try was rolled back.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                return fn(*args, **kwargs)
+            except exc.OperationalError as err:
+                if not is_conflict(err) or attempt == RETRY_ATTEMPTS - 1:
+                    raise
+                log.info("%s collided with another transaction (try %d), running it again",
+                         fn.__name__, attempt + 1)
+                # Jitter spreads the colliders out so they do not meet again at once.
+                time.sleep(random.uniform(0, 0.02 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    return wrapper

@@ -7,8 +7,10 @@ from typing import Optional
 import re
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+
+from .db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ def clean_json(value: Any, depth: int = 0) -> Any:
     return value
 
 
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
 def error_body(status: int, message: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:
     """Build {"error": {...}} the way OpenAI's API does."""
     return {
@@ -125,6 +131,8 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def handle_http(err: HTTPException):
         if not _is_api_path():
+            if err.code in PAGES:
+                return page(err.code, *PAGES[err.code])
             return err
         messages = {
             404: f"Unknown path {request.path}.",
@@ -135,10 +143,45 @@ def init_app(app: Flask) -> None:
         message = messages.get(err.code, err.description or err.name)
         return error_response(ApiError(err.code or 500, message, code=code))
 
+    @app.errorhandler(ClientGone)
+    def handle_gone(err: ClientGone):
+        # Nobody will read this; 499 is nginx's "client closed request", for the access log.
+        return Response(status=499)
+
     @app.errorhandler(Exception)
     def handle_crash(err: Exception):
+        if is_unavailable(err):
+            # The database is restarting or full of connections: nobody's fault, and it passes.
+            log.warning("database unavailable on %s %s: %s", request.method, request.path, err.__class__.__name__)
+            if not _is_api_path():
+                return page(503, *PAGES[503], retry_after=DB_RETRY_AFTER)
+            return error_response(database_unavailable())
         # Log the traceback server-side; the caller gets a clean 500 without internals.
         log.exception("unhandled error on %s %s", request.method, request.path)
         if not _is_api_path():
-            return "Internal server error", 500
+            return page(500, *PAGES[500])
         return error_response(ApiError(500, "The gateway hit an internal error.", code="internal_error"))
+
+
+# Seconds a caller is asked to wait while the database is unreachable: a restart takes a few.
+DB_RETRY_AFTER = 5
+PAGES = {
+    404: ("Page not found", "There is no page at this address."),
+    405: ("Not allowed", "This page cannot be used that way."),
+    500: ("Something went wrong", "The gateway hit an internal error. It has been logged; try again in a moment."),
+    503: ("Temporarily unavailable", "The gateway cannot reach its database right now. Try again in a few seconds."),
+}
+
+
+def database_unavailable() -> ApiError:
+    """Build the 503 a caller gets while the database cannot be reached."""
+    return ApiError(503, "The gateway cannot reach its database right now. Try again in a few seconds.",
+                    code="database_unavailable", retry_after=DB_RETRY_AFTER)
+
+
+def page(status: int, title: str, message: str, retry_after: Optional[int] = None) -> Response:
+    """Render an error as a page like the rest of the dashboard."""
+    resp = Response(render_template("error.html", title=title, message=message), status=status)
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
+    return resp

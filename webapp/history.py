@@ -8,7 +8,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from . import settings
-from .api import merge_deltas
+from .completions import merge_deltas
 from .db import db
 from .models import ApiKey, Chunk, Job, Usage, Worker, utcnow
 

@@ -10,16 +10,17 @@ import json
 import random
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from flask import current_app
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import events, wake
-from .db import db
+from .db import db, retrying
 from .models import Chunk, Job, Worker, utcnow
 
+A = TypeVar("A")
 
 
 def _seconds(name: str) -> dt.timedelta:
@@ -34,14 +35,24 @@ def submit_job(
     stream: bool,
     priority: int = 0,
     kind: str = "chat",
-    admit: Optional[Callable[[Session, Job, dt.datetime], Any]] = None,
-) -> Job:
-    """Queue a job and wake the workers.
+    admit: Optional[Callable[[Session, Job, dt.datetime], A]] = None,
+    reader: bool = False,
+) -> tuple[Job, Optional[A]]:
+    """Queue a job, wake the workers, and return the job with what `admit` returned.
 
     `admit` runs first in the same transaction: it may raise to refuse the job (rate
     limits), may raise its priority (the user's tier), and may add rows that must exist
-    exactly when the job does (its usage row).
+    exactly when the job does (its usage row). A deadlock runs the whole unit again.
+    With `reader`, the submitting request relays the answer and must renew the job's
+    reader expiry (relay.Reader), or the reaper cancels the job.
     """
+    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader)
+    wake.ring("jobs")
+    return job, admitted
+
+
+@retrying
+def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader):
     now = utcnow()
     job = Job(
         public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
@@ -55,43 +66,16 @@ def submit_job(
         request_json=json.dumps(request, separators=(",", ":")),
         created_at=now,
         deadline_at=now + _seconds("JOB_TIMEOUT"),
+        reader_expires_at=now + _seconds("HOLD_TTL") if reader else None,
     )
+    admitted = None
     with db.begin() as s:
         if admit is not None:
-            admit(s, job, now)
+            admitted = admit(s, job, now)
         aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
         job.rank = int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - job.priority * aging_ms
         s.add(job)
-    wake.ring("jobs")
-    return job
-
-
-def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str, version: str,
-                 image_models: Sequence[str] = (), site: str = "") -> None:
-    """Record what a worker advertises and that it is alive and ready (it is claiming)."""
-    with db.begin() as s:
-        s.execute(
-            update(Worker)
-            .where(Worker.id == worker_id)
-            .values(
-                last_seen_at=utcnow(),
-                models_json=json.dumps(list(models)),
-                image_models_json=json.dumps(list(image_models)),
-                capacity=capacity,
-                kind=kind,
-                version=version,
-                site=site,
-                status="ready",
-                status_message="",
-            )
-        )
-
-
-def set_worker_status(worker_id: int, status: str, message: str) -> None:
-    """Record a worker that is not claiming and why: paused, or waiting for a person."""
-    with db.begin() as s:
-        s.execute(update(Worker).where(Worker.id == worker_id)
-                  .values(last_seen_at=utcnow(), status=status, status_message=message[:255]))
+    return job, admitted
 
 
 def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], now: dt.datetime):
@@ -119,43 +103,54 @@ def _lease_values(worker: Worker, now: dt.datetime) -> dict[str, Any]:
 def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int, image_models: Sequence[str] = ()) -> list[Job]:
     """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job."""
     now = utcnow()
-    won: list[int] = []
+    query = _claimable(worker, models, image_models, now)
     if db.uses_skip_locked():
-        with db.begin() as s:
-            # SKIP LOCKED: rows another claimer has locked are passed over, not waited on,
-            # and the state flip happens in the same short transaction.
-            ids = s.scalars(_claimable(worker, models, image_models, now).limit(max_jobs).with_for_update(skip_locked=True)).all()
-            for job_id in ids:
-                s.execute(update(Job).where(Job.id == job_id).values(**_lease_values(worker, now)))
-            won = list(ids)
+        won = _claim_skip_locked(query, worker, max_jobs, now)
     else:
-        with db.read() as s:
-            # Read candidates without locks; a wide window leaves room to spread out when
-            # other claimers win the head of the queue first.
-            candidates = s.scalars(_claimable(worker, models, image_models, now).limit(max(16, max_jobs * 8))).all()
-        candidates = list(candidates)
-        while candidates and len(won) < max_jobs:
-            job_id = candidates.pop(0)
-            # Compare-and-swap, one row per transaction so no claimer holds two row locks:
-            # the UPDATE whose row count is 1 owns the job.
-            with db.begin() as s:
-                result = s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == "queued")
-                    .values(**_lease_values(worker, now))
-                )
-            if result.rowcount == 1:
-                won.append(job_id)
-            else:
-                # Lost a race: others are claiming the same head of the queue. Spread out
-                # over the rest instead of queueing behind them on each row's lock.
-                random.shuffle(candidates)
+        won = _claim_by_swap(query, worker, max_jobs, now)
     if not won:
         return []
     with db.read() as s:
         jobs = s.scalars(select(Job).where(Job.id.in_(won)).order_by(Job.rank, Job.id)).all()
     wake.ring(*(wake.job_topic(j.id) for j in jobs))
     return list(jobs)
+
+
+@retrying
+def _claim_skip_locked(query, worker: Worker, max_jobs: int, now: dt.datetime) -> list[int]:
+    with db.begin() as s:
+        # SKIP LOCKED: rows another claimer has locked are passed over, not waited on,
+        # and the state flip happens in the same short transaction.
+        ids = s.scalars(query.limit(max_jobs).with_for_update(skip_locked=True)).all()
+        for job_id in ids:
+            s.execute(update(Job).where(Job.id == job_id).values(**_lease_values(worker, now)))
+        return list(ids)
+
+
+def _claim_by_swap(query, worker: Worker, max_jobs: int, now: dt.datetime) -> list[int]:
+    with db.read() as s:
+        # Read candidates without locks; a wide window leaves room to spread out when
+        # other claimers win the head of the queue first.
+        candidates = list(s.scalars(query.limit(max(16, max_jobs * 8))).all())
+    won: list[int] = []
+    while candidates and len(won) < max_jobs:
+        job_id = candidates.pop(0)
+        if _swap(job_id, worker, now):
+            won.append(job_id)
+        else:
+            # Lost a race: others are claiming the same head of the queue. Spread out
+            # over the rest instead of queueing behind them on each row's lock.
+            random.shuffle(candidates)
+    return won
+
+
+@retrying
+def _swap(job_id: int, worker: Worker, now: dt.datetime) -> bool:
+    # Compare-and-swap, one row per transaction so no claimer holds two row locks:
+    # the UPDATE whose row count is 1 owns the job.
+    with db.begin() as s:
+        result = s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(**_lease_values(worker, now)))
+    return result.rowcount == 1
 
 
 @dataclass
@@ -169,6 +164,7 @@ class Report:
     error: Optional[dict[str, Any]] = None
 
 
+@retrying
 def apply_report(worker: Worker, report: Report) -> dict[str, Any]:
     """Store one job's chunks and finish, renew its lease, and say whether to stop."""
     now = utcnow()
@@ -263,6 +259,7 @@ def _requeue(job: Job) -> None:
     job.lease_expires_at = None
 
 
+@retrying
 def release_job(worker: Worker, public_id: str, lease: str) -> dict[str, Any]:
     """Hand a job back: re-queue it if it streamed nothing, else fail it."""
     now = utcnow()
@@ -280,6 +277,7 @@ def release_job(worker: Worker, public_id: str, lease: str) -> dict[str, Any]:
     return {"id": public_id, "ok": True, "state": state}
 
 
+@retrying
 def cancel_job(job_id: int, code: str = "cancelled", message: str = "The client went away.") -> bool:
     """Cancel a job that is not finished yet; its worker is told on its next report."""
     now = utcnow()
@@ -293,6 +291,7 @@ def cancel_job(job_id: int, code: str = "cancelled", message: str = "The client 
     return result.rowcount == 1
 
 
+@retrying
 def expire_unclaimed(job_id: int) -> bool:
     """Give up on a job no worker picked up; False if a worker claimed it meanwhile."""
     with db.begin() as s:
@@ -309,6 +308,7 @@ def expire_unclaimed(job_id: int) -> bool:
     return result.rowcount == 1
 
 
+@retrying
 def expire_job(job_id: int) -> bool:
     """End a job that ran past its deadline."""
     with db.begin() as s:
@@ -341,30 +341,42 @@ def read_progress(job_id: int, from_seq: int) -> tuple[Job, list[Chunk]]:
 
 
 def reap_expired(limit: int = 200) -> dict[str, int]:
-    """Re-queue or fail jobs whose lease lapsed, and expire jobs past their deadline."""
+    """Re-queue or fail jobs whose lease lapsed, cancel jobs nobody reads, expire jobs past their deadline."""
     now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "expired": 0}
+    counts = {"requeued": 0, "failed": 0, "expired": 0, "unread": 0}
+    live = Job.state.in_(("queued", "running"))
     with db.read() as s:
         rows = s.execute(
-            select(Job.id, Job.state, Job.lease_token, Job.deadline_at)
+            select(Job.id, Job.lease_token, Job.deadline_at, Job.reader_expires_at)
             .where(
                 or_(
                     (Job.state == "running") & (Job.lease_expires_at < now),
-                    Job.state.in_(("queued", "running")) & (Job.deadline_at < now),
+                    live & (Job.deadline_at < now),
+                    live & (Job.reader_expires_at < now),
                 )
             )
             .limit(limit)
         ).all()
-    for job_id, state, lease, deadline in rows:
-        if deadline < now:
-            counts["expired"] += expire_job(job_id)
-            continue
-        outcome = _reap_lease(job_id, lease, now)
+    for job_id, lease, deadline, reader in rows:
+        outcome = events.contain("reap", f"job {job_id}", _reap_one, job_id, lease, deadline, reader, now)
         if outcome:
             counts[outcome] += 1
     return counts
 
 
+def _reap_one(job_id: int, lease: Optional[str], deadline: dt.datetime, reader: Optional[dt.datetime],
+              now: dt.datetime) -> Optional[str]:
+    if deadline < now:
+        return "expired" if expire_job(job_id) else None
+    if reader is not None and reader < now:
+        # The request that relays this job stopped renewing: its process died (or lost the
+        # database for longer than HOLD_TTL). Nobody will read the answer; stop the worker.
+        gone = cancel_job(job_id, "client_gone", "Nobody is reading the answer any more: its request ended.")
+        return "unread" if gone else None
+    return _reap_lease(job_id, lease, now)
+
+
+@retrying
 def _reap_lease(job_id: int, lease: Optional[str], now: dt.datetime) -> Optional[str]:
     with db.begin() as s:
         job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())

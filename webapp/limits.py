@@ -51,7 +51,7 @@ def tier_of(s: Session, user: User) -> Optional[Tier]:
 
 
 def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetime) -> list[WindowState]:
-    """Inside the submit transaction: check every cap, then record the request's usage row."""
+    """Inside the submit transaction: check every cap, set the job's priority and count the request."""
     # The row lock serialises admissions of one user across processes (SQLite's
     # BEGIN IMMEDIATE already serialises everything).
     user = s.scalar(select(User).where(User.id == key.user_id).with_for_update())
@@ -84,12 +84,9 @@ def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetim
             )
     # Queue priority: the tier's plus the user's own adjustment.
     job.priority = user.priority + (tier.priority if tier is not None else 0)
-    # Record before adding the usage row: adding it brings the unfinished job into the session.
+    # Record before the usage row is added (usage.open_row): adding it brings the
+    # unfinished job into the session.
     record(s, user.id, key.id, now, 1, prompt_tokens)
-    s.add(Usage(
-        job=job, request_id=job.public_id, user_id=user.id, api_key_id=key.id, model=job.model,
-        stream=job.stream, status="queued", prompt_tokens=prompt_tokens, created_at=now,
-    ))
     for state in states:
         state.used += prompt_tokens if state.kind == "tokens" else 1
     return states

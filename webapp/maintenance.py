@@ -6,6 +6,7 @@ import datetime as dt
 import fcntl
 import os
 import time
+import logging
 from typing import Iterator
 
 from flask import current_app
@@ -15,6 +16,8 @@ from sqlalchemy.orm import Session
 from . import budget, jobs, limits, settings, usage
 from .db import db, upsert_add
 from .models import TERMINAL, Chunk, Event, Job, Usage, UsageDaily, utcnow
+
+log = logging.getLogger(__name__)
 
 # Old events are noise after this long; failed sign-ins only count for 15 minutes.
 EVENT_KEEP_DAYS = 90
@@ -127,7 +130,18 @@ _last_lazy: dict[str, float] = {}
 
 
 def housekeep() -> None:
-    """From the request path: reap every REAP_INTERVAL, purge hourly and check roll-ups daily, per process."""
+    """From the request path: reap every REAP_INTERVAL, purge hourly and check roll-ups daily, per process.
+
+    Never raises: housekeeping rides on other people's requests, and a failure here (the
+    database gone for a moment, a row that cannot be processed) must not end them.
+    """
+    try:
+        _housekeep()
+    except Exception:
+        log.warning("lazy housekeeping failed; it runs again later", exc_info=True)
+
+
+def _housekeep() -> None:
     now = time.monotonic()
     if now - _last_lazy.get("reap", 0.0) >= current_app.config["REAP_INTERVAL"]:
         _last_lazy["reap"] = now
@@ -169,29 +183,3 @@ def cron_lock(name: str) -> Iterator[bool]:
             yield False
             return
         yield True
-
-
-
-def run_from_cron(name: str) -> int:
-    """Run one task for a cron script: exit at once if a previous run still holds its lock."""
-    import logging
-    import sys
-
-    from . import create_app
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        app = create_app()
-    except Exception as err:  # a broken config must say so in cron's mail, briefly
-        print(f"pollgate cron {name}: cannot start the app: {err}", file=sys.stderr)
-        return 1
-    with app.app_context():
-        with cron_lock(name) as mine:
-            if not mine:
-                print(f"pollgate cron {name}: a previous run is still going; skipping this one")
-                return 0
-            started = time.monotonic()
-            result = TASKS[name]()
-    figures = ", ".join(f"{k} {v}" for k, v in result.items())
-    print(f"pollgate cron {name}: {figures} ({time.monotonic() - started:.1f} s)")
-    return 0

@@ -36,6 +36,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+def epoch(moment: dt.datetime) -> int:
+    """Return a naive-UTC datetime as Unix seconds."""
+    return int(moment.replace(tzinfo=dt.timezone.utc).timestamp())
+
+
 # Job states after which nothing more happens to a job.
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 # Worker states a worker reports when it cannot take jobs now; claiming again means ready.
@@ -163,6 +168,8 @@ class Job(Base):
         Index("ix_jobs_lease", "state", "lease_expires_at"),
         # ... and jobs past their deadline.
         Index("ix_jobs_deadline", "state", "deadline_at"),
+        # ... and jobs whose reader stopped renewing its hold.
+        Index("ix_jobs_reader", "state", "reader_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -198,6 +205,9 @@ class Job(Base):
     first_chunk_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp, index=True)
     deadline_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    # The API request relaying this job renews this while it is alive (HOLD_RENEW); once it
+    # lapses nobody will read the answer (the process died), so the reaper cancels the job.
+    reader_expires_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
 
     @property
     def request(self) -> dict[str, Any]:
@@ -368,6 +378,9 @@ class HeldRequest(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # "long_polls" or "streams"
+    # Whose request it is, for the fair share; no foreign key, so taking a slot never
+    # waits on a lock on the user's row.
+    user_id: Mapped[Optional[int]] = mapped_column(Integer)
     # A process that dies mid-request never releases its slot; the slot lapses here instead.
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)

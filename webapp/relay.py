@@ -1,63 +1,152 @@
-"""Follow a job from the API side: wait for its claim, then tail its chunks until it ends."""
+"""Follow a job from the API side: wait for its claim, then tail its chunks until it ends.
+
+The request that relays a job is its reader. While it waits it renews its hold (its
+held-request slot and its job's reader expiry) every HOLD_RENEW seconds, so a reader whose
+process dies is noticed within HOLD_TTL; it rides out a database blip of up to
+DB_OUTAGE_GRACE seconds; and where the server shows it the client's socket, a reader
+notices a client that hung up.
+"""
 from __future__ import annotations
 
+import logging
+import socket
 import time
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
 
-from flask import current_app
+from flask import current_app, request
 
-from . import jobs, maintenance, wake
-from .errors import ApiError
+from . import budget, jobs, maintenance, wake
+from .db import is_unavailable
+from .errors import ApiError, ClientGone, database_unavailable
 from .models import TERMINAL, Chunk, Job, utcnow
 
-Event = tuple[str, Union[list[Chunk], Job, None]]
+log = logging.getLogger(__name__)
+
+Progress = tuple[str, Union[list[Chunk], Job, None]]
 
 
-def wait_for_start(job_id: int, patience: float) -> Job:
+@dataclass
+class Reader:
+    """The API request relaying one job: its job, its held-request slot and its client's socket."""
+
+    job_id: int
+    hold: int
+    sock: Any = None
+    renew_due: float = 0.0
+
+    @classmethod
+    def for_request(cls, job_id: int, hold: int) -> "Reader":
+        """Make the reader of the current request (the first renewal is due after HOLD_RENEW)."""
+        env = request.environ
+        sock = env.get("gunicorn.socket") or env.get("werkzeug.socket")
+        return cls(job_id, hold, sock, time.monotonic() + current_app.config["HOLD_RENEW"])
+
+    def keep_alive(self) -> None:
+        """Renew the hold when it is due."""
+        now = time.monotonic()
+        if now >= self.renew_due:
+            cfg = current_app.config
+            budget.renew(self.hold, self.job_id, cfg["HOLD_TTL"])
+            self.renew_due = now + cfg["HOLD_RENEW"]
+
+    def client_gone(self) -> bool:
+        """Tell whether the client closed its connection (False where the server hides the socket)."""
+        if self.sock is None:
+            return False
+        try:
+            # An orderly close reads as b"" without taking anything off the socket.
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing sent: the client is waiting for us
+        except OSError as err:
+            # A reset connection is gone; a socket that cannot peek (TLS) tells us nothing.
+            return isinstance(err, (ConnectionResetError, BrokenPipeError))
+
+
+def read(reader: Reader, from_seq: int) -> tuple[Job, list[Chunk]]:
+    """Renew the reader's hold when due and read its job from from_seq on, riding out a database blip."""
+    outage: Optional[float] = None
+    delay = 0.1
+    while True:
+        try:
+            reader.keep_alive()
+            return jobs.read_progress(reader.job_id, from_seq)
+        except Exception as err:
+            if not is_unavailable(err):
+                raise
+            outage = outage or time.monotonic()
+            if time.monotonic() - outage >= current_app.config["DB_OUTAGE_GRACE"]:
+                raise database_unavailable() from err
+            log.warning("job %s: cannot read the database (%s); trying again", reader.job_id, err.__class__.__name__)
+            # Back off to 1 s; the pool's pre-ping reconnects once the server is back.
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+class Dispatch:
+    """Watch how long a job has waited in the queue since it was last (re-)queued."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[str, int] = ("queued", 0)
+        self.since = time.monotonic()
+
+    def waited(self, job: Job) -> float:
+        """Return seconds in the current state; give up with a 503 past DISPATCH_TIMEOUT in the queue."""
+        if (job.state, job.attempts) != self.seen:
+            # Claimed, or queued again after a lost worker: the wait starts over.
+            self.seen, self.since = (job.state, job.attempts), time.monotonic()
+        waited = time.monotonic() - self.since
+        timeout = current_app.config["DISPATCH_TIMEOUT"]
+        if job.state == "queued" and waited >= timeout and jobs.expire_unclaimed(job.id):
+            raise ApiError(
+                503,
+                f"No worker picked up the request for model '{job.model}' within {timeout:g} seconds. "
+                "Try again shortly.",
+                code="no_worker_available",
+                retry_after=timeout / 3,
+            )
+        return waited
+
+
+def wait_for_start(reader: Reader, patience: float) -> Job:
     """Wait until a worker claims the job and sends something, it ends, or patience runs out.
 
-    Raises a 503 with Retry-After when no worker claims the job within DISPATCH_TIMEOUT.
+    Raises a 503 with Retry-After when no worker claims the job within DISPATCH_TIMEOUT,
+    and ClientGone when the client hangs up.
     """
     cfg = current_app.config
-    started = time.monotonic()
-    topic = wake.job_topic(job_id)
-    seen = ("queued", 0)
+    topic = wake.job_topic(reader.job_id)
+    dispatch = Dispatch()
     while True:
         since = wake.stamp(topic)
-        job, _ = jobs.read_progress(job_id, 0)
+        job, _ = read(reader, 0)
         if job.state in TERMINAL or job.next_seq > 0:
             return job
-        if (job.state, job.attempts) != seen:
-            # Claimed, or queued again after a lost worker: the wait starts over.
-            seen, started = (job.state, job.attempts), time.monotonic()
-        waited = time.monotonic() - started
-        if job.state == "queued" and waited >= cfg["DISPATCH_TIMEOUT"]:
-            if jobs.expire_unclaimed(job_id):
-                raise ApiError(
-                    503,
-                    f"No worker picked up the request for model '{job.model}' within "
-                    f"{cfg['DISPATCH_TIMEOUT']:g} seconds. Try again shortly.",
-                    code="no_worker_available",
-                    retry_after=cfg["DISPATCH_TIMEOUT"] / 3,
-                )
-            continue
-        if job.state == "running" and waited >= patience:
+        waited = dispatch.waited(job)
+        if job.state == "queued":
+            continue_for = cfg["DISPATCH_TIMEOUT"] - waited
+        elif waited >= patience:
             return job
+        else:
+            continue_for = patience - waited
+        if reader.client_gone():
+            raise ClientGone()
         maintenance.housekeep()
-        limit = cfg["DISPATCH_TIMEOUT"] if job.state == "queued" else patience
-        wake.wait(topic, since, min(cfg["WAKE_RECHECK"], max(0.0, limit - waited)))
+        wake.wait(topic, since, min(cfg["WAKE_RECHECK"], cfg["HOLD_RENEW"], max(0.0, continue_for)))
 
 
-def follow(job_id: int) -> Iterator[Event]:
+def follow(reader: Reader) -> Iterator[Progress]:
     """Yield ("chunks", [...]) as output arrives, ("heartbeat", None) on silence, then ("end", job)."""
     cfg = current_app.config
-    topic = wake.job_topic(job_id)
+    topic = wake.job_topic(reader.job_id)
+    dispatch = Dispatch()
     seq = 0
     last_sent = time.monotonic()
     while True:
         # The stamp comes first: news committed after it rings a bell we will see.
         since = wake.stamp(topic)
-        job, chunks = jobs.read_progress(job_id, seq)
+        job, chunks = read(reader, seq)
         if chunks:
             seq += len(chunks)
             last_sent = time.monotonic()
@@ -68,11 +157,15 @@ def follow(job_id: int) -> Iterator[Event]:
         if chunks:
             continue
         if utcnow() >= job.deadline_at:
-            jobs.expire_job(job_id)
+            jobs.expire_job(job.id)
             continue
+        # A job queued again after losing its worker must find another within DISPATCH_TIMEOUT.
+        dispatch.waited(job)
+        if reader.client_gone():
+            raise ClientGone()
         maintenance.housekeep()
         quiet = time.monotonic() - last_sent
-        timeout = min(cfg["WAKE_RECHECK"], max(0.0, cfg["HEARTBEAT_INTERVAL"] - quiet))
+        timeout = min(cfg["WAKE_RECHECK"], cfg["HOLD_RENEW"], max(0.0, cfg["HEARTBEAT_INTERVAL"] - quiet))
         if not wake.wait(topic, since, timeout) and quiet + timeout >= cfg["HEARTBEAT_INTERVAL"]:
             last_sent = time.monotonic()
             yield "heartbeat", None

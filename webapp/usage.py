@@ -1,4 +1,4 @@
-"""Usage accounting: settle each request's usage row once its job ends, and roll it up daily."""
+"""Usage accounting: each request's usage row from its admission to its settlement, and the daily roll-ups."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,9 +7,9 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import limits, tokens
-from .db import db, upsert_add
-from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
+from . import events, limits, tokens
+from .db import db, retrying, upsert_add
+from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, User, utcnow
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos", "latency_ms")
 
@@ -34,21 +34,40 @@ def _ms(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> Optional[in
     return int((end - start).total_seconds() * 1000) if start and end else None
 
 
-def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None) -> bool:
+def open_row(s: Session, job: Job, api_key_id: Optional[int], prompt_tokens: int, now: dt.datetime) -> None:
+    """Inside the submit transaction: add the request's usage row, born with its job."""
+    s.add(Usage(
+        job=job, request_id=job.public_id, user_id=job.user_id, api_key_id=api_key_id, model=job.model,
+        stream=job.stream, status="queued", prompt_tokens=prompt_tokens, created_at=now,
+    ))
+
+
+@retrying
+def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None, counted: bool = True) -> bool:
     """Account a finished job once: final tokens, cost and timings, and the daily roll-up.
 
     Pass `deltas` when the caller relayed every chunk of the ended job, to skip reading
-    them back.
+    them back. With `counted=False` the answer is not counted at all, only what admission
+    counted: the way to set aside a job whose answer cannot be read.
     """
     with db.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in TERMINAL:
+            return False
+        # Lock order: the user's row first, as admission takes it. The daily roll-up's
+        # foreign key would otherwise take it last, after the rate buckets, and deadlock
+        # against an admission that holds it and waits for a bucket.
+        s.execute(select(User.id).where(User.id == job.user_id).with_for_update())
         # The row lock (and `settled`) make a second settler, in any process, a no-op.
         usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
-        job = s.get(Job, job_id)
-        if usage is None or usage.settled or job is None or job.state not in TERMINAL:
+        if usage is None or usage.settled:
             return False
-        if deltas is None or len(deltas) != job.next_seq:
-            deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
-        prompt, completion, source = job_tokens(job, deltas)
+        if not counted:
+            prompt, completion, source = usage.prompt_tokens, 0, "admission"
+        else:
+            if deltas is None or len(deltas) != job.next_seq:
+                deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
+            prompt, completion, source = job_tokens(job, deltas)
         # Token windows counted the prompt at admission; add what changed since.
         limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0,
                       prompt + completion - usage.prompt_tokens - usage.completion_tokens)
@@ -67,15 +86,24 @@ def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None) -> bool:
 
 
 def settle_pending(limit: int = 200) -> int:
-    """Settle usage rows whose job ended but whose request never did (cron, lazily)."""
+    """Settle usage rows whose job ended but whose request never did (cron, lazily), each on its own."""
     with db.read() as s:
         ids = s.scalars(
             select(Usage.job_id)
             .join(Job, Job.id == Usage.job_id)
             .where(Usage.settled.is_(False), Job.state.in_(TERMINAL))
+            .order_by(Usage.job_id)
             .limit(limit)
         ).all()
-    return sum(settle(job_id) for job_id in ids)
+    done = 0
+    for job_id in ids:
+        settled = events.contain("settle", f"job {job_id}", settle, job_id)
+        if settled is None:
+            # Its answer cannot be counted: settle it on what admission counted, so it
+            # stops coming back here and its job can be purged.
+            settled = events.contain("settle aside", f"job {job_id}", settle, job_id, None, False)
+        done += bool(settled)
+    return done
 
 
 def _add_to_daily(s: Session, usage: Usage) -> None:
