@@ -12,3 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from webapp.install_views import SiteSwitch  # noqa: E402
 
 application = SiteSwitch()
+# Build the app and load tiktoken while the process starts: Passenger sends a process no
+# request until this import returns, so the work is done before its first request, not in it.
+application.warm()

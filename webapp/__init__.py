@@ -30,30 +30,29 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     if app.config["SECRET_KEY"] == "dev" and not app.debug and not app.testing:
         log.warning("SECRET_KEY is the development default; run the installer or set SECRET_KEY")
 
-    from . import cli, errors
+    from . import cli, errors, migrate
     from .db import db
-    from .extensions import csrf, login_manager
+    from .extensions import csrf, login_manager, security_headers
 
     db.init_app(app)
     errors.init_app(app)
     cli.init_app(app)
     login_manager.init_app(app)
     csrf.init_app(app)
+    migrate.init_app(app)
 
-    from . import admin, api, auth_views, browser_worker, dashboard, history, images, worker_api
+    from . import admin, api, auth, browser_worker, dashboard, history, worker_api
 
     app.register_blueprint(api.bp)
-    app.register_blueprint(images.bp)
     app.register_blueprint(browser_worker.bp)
     app.register_blueprint(worker_api.bp)
-    app.register_blueprint(auth_views.bp)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(history.bp)
     app.register_blueprint(admin.bp)
     # The API and the worker protocol authenticate with bearer tokens, never cookies,
     # so a cross-site form cannot ride on them: CSRF tokens are for the pages.
     csrf.exempt(api.bp)
-    csrf.exempt(images.bp)
     csrf.exempt(worker_api.bp)
     app.after_request(security_headers)
 
@@ -62,20 +61,3 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
         return {"ok": True}
 
     return app
-
-
-# Pages load nothing from elsewhere and run no inline script.
-CSP = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
-)
-
-
-def security_headers(response):
-    """Add the Content Security Policy and friends to every page."""
-    if response.mimetype == "text/html":
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-    return response

