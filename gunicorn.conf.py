@@ -12,6 +12,14 @@ worker_class = "gthread"
 # A process per core; each thread is one open request, idle ones cost little.
 workers = int(os.environ.get("POLLGATE_WORKERS", multiprocessing.cpu_count()))
 threads = int(os.environ.get("POLLGATE_THREADS", 64))
+# Held requests may take at most three quarters of the threads (and never the last four):
+# the rest stay free for workers' chunk reports, claims that answer at once and pages,
+# or held streams would starve the very reports their answers wait for. Past the cap a
+# held request is refused at once with Retry-After. Set before the workers fork, so the
+# app in each one reads it (POLLGATE_* environment variables override the defaults).
+os.environ.setdefault("POLLGATE_MAX_HELD_PER_PROCESS", str(max(1, min(threads * 3 // 4, threads - 4))))
+# Each thread holds a database connection only for one short transaction at a time.
+os.environ.setdefault("POLLGATE_DB_POOL_SIZE", str(max(2, min(10, threads // 4))))
 # Long-polls last CLAIM_WAIT_MAX (25 s) and streams up to JOB_TIMEOUT (600 s); the
 # timeout only guards against a stuck worker process, so it must exceed both.
 timeout = 660

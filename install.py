@@ -128,7 +128,10 @@ def upgrade(args: argparse.Namespace) -> int:
 
     app = create_app(instance_path=args.instance)
     with app.app_context():
-        pending = migrate.pending()
+        try:
+            pending = migrate.pending()
+        except RuntimeError as err:  # a database newer than this code: say so, plainly
+            raise installer.InstallError(str(err)) from None
         if not pending:
             print("The database is up to date.")
             return 0

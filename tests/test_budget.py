@@ -7,8 +7,10 @@ import time
 import openai
 import pytest
 
+from conftest import make_account
 from protocol import ProtoWorker
 from webapp import accounts, budget, settings
+from webapp.errors import ApiError
 from webapp.db import db
 from webapp.models import Job, Usage
 from sqlalchemy import func, select
@@ -32,10 +34,12 @@ def wait_for(condition, timeout: float = 10) -> None:
 
 
 def test_a_budget_of_two_long_polls_answers_the_third_at_once(app, account, live, admin):
-    client, _ = admin
+    client, root = admin
     with app.app_context():
         settings.save({"max_long_polls": 2})
-        tokens = [accounts.create_worker_token(account.user_id, f"w{i}") for i in range(3)]
+        # Two owners: one owner's workers may hold only their fair share of the budget.
+        tokens = [accounts.create_worker_token(uid, f"w{i}") for i, uid in
+                  enumerate((account.user_id, root.user_id, account.user_id))]
     polls = [threading.Thread(target=ProtoWorker(live.url, t).claim, kwargs={"wait": 3}) for t in tokens[:2]]
     for poll in polls:
         poll.start()
@@ -56,7 +60,7 @@ def test_a_budget_of_two_long_polls_answers_the_third_at_once(app, account, live
 
 def test_a_budget_of_two_streams_answers_the_third_with_503(app, account, live):
     with app.app_context():
-        settings.save({"max_streams": 2})
+        settings.save({"max_streams": 3})
     ProtoWorker(live.url, account.token).claim(wait=0)  # the model is live, but nobody serves it
     api = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
     prompt = [{"role": "user", "content": "hold on"}]
@@ -73,7 +77,7 @@ def test_a_budget_of_two_streams_answers_the_third_with_503(app, account, live):
     with pytest.raises(openai.InternalServerError) as refused:
         api.chat.completions.create(model="echo", messages=prompt, stream=True)
     assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "3"
-    assert refused.value.code == "gateway_busy"
+    assert refused.value.code == "gateway_busy" and "as many as one account may hold (2)" in refused.value.message
     with app.app_context(), db.read() as s:
         # Refused before anything was queued or counted.
         assert s.scalar(select(func.count()).select_from(Job)) == jobs_before
@@ -92,3 +96,29 @@ def test_a_slot_of_a_dead_process_lapses(app):
         assert budget.acquire("long_polls", ttl=5)
         settings.save({"max_long_polls": 0})
         assert budget.acquire("long_polls", ttl=5) == 0  # no cap: nothing to count
+
+
+def test_one_user_cannot_take_every_slot(app, account):
+    other = make_account(app, "bob@example.com")
+    with app.app_context():
+        settings.save({"max_streams": 4})
+        assert budget.user_share(4) == 3 and budget.user_share(2) == 1 and budget.user_share(1) == 1
+        mine = [budget.acquire("streams", 5, account.user_id) for _ in range(4)]
+        assert all(mine[:3]) and mine[3] is None  # past alice's share, while a slot is free
+        theirs = [budget.acquire("streams", 5, other.user_id) for _ in range(2)]
+        assert theirs[0] and theirs[1] is None  # the budget is full
+        assert budget.in_use()["streams"][0] == 4
+
+
+def test_a_process_holds_no_more_than_its_cap(app, account):
+    app.config["MAX_HELD_PER_PROCESS"] = 2
+    with app.app_context(), app.test_request_context():
+        before = budget.held_here()
+        holds = [budget.acquire_or_refuse("streams", 5, account.user_id) for _ in range(2)]
+        with pytest.raises(ApiError) as refused:
+            budget.acquire_or_refuse("streams", 5, account.user_id)
+        assert refused.value.status == 503 and refused.value.code == "gateway_busy" and refused.value.retry_after
+        for hold in holds:
+            budget.release(hold)
+        assert budget.held_here() == before
+        budget.release(budget.acquire_or_refuse("long_polls", 5, account.user_id))

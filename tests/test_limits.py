@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 
 from conftest import make_account
 from protocol import WorkerThread
-from webapp import limits, tokens, usage
+from webapp import limits, token_count, usage
 from webapp.db import db
 from webapp.errors import ApiError
 from webapp.models import ApiKey, Job, ModelPrice, Tier, Usage, UsageDaily, User
@@ -90,7 +90,7 @@ def test_key_limits_apply_on_top_of_the_tier(app, account, live):
 
 
 def test_token_limit_refuses_once_reached(app, account, live):
-    budget = tokens.count_prompt(PROMPT) + 3
+    budget = token_count.count_prompt(PROMPT) + 3
     give_tier(app, account.user_id, tokens_per_minute=budget)
     with WorkerThread(live.url, account.token):
         assert post(live, account.key).status_code == 200
@@ -179,7 +179,7 @@ def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live)
             row = s.scalars(select(Usage)).one()
             produced = s.scalar(select(Job.next_seq))
     assert row.settled and row.status == "cancelled" and row.error_code == "client_gone"
-    assert row.completion_tokens == tokens.count_completion([{"content": "word "}] * produced) > 0
+    assert row.completion_tokens == token_count.count_completion([{"content": "word "}] * produced) > 0
 
 
 def test_settling_twice_counts_once(app, account, live):

@@ -112,6 +112,6 @@ def test_sqlite_cron_lock_is_a_file_lock(app):
             assert "still going" in cron(app, "reap.py").stdout
             conn.execute(text("SELECT RELEASE_LOCK('pollgate_cron_reap')"))
         return
-    with open(os.path.join(app.instance_path, "cron-reap.lock"), "w") as held:
+    with open(os.path.join(app.instance_path, "cron_reap.lock"), "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert "still going" in cron(app, "reap.py").stdout

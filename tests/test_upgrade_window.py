@@ -303,10 +303,10 @@ def import_passenger_wsgi(instance: str) -> dict:
     """Import passenger_wsgi in a fresh process, as Passenger's loader does, and report what it built."""
     script = (
         "import json, passenger_wsgi\n"
-        "from webapp import tokens\n"
+        "from webapp import token_count\n"
         "site = passenger_wsgi.application\n"
         "print(json.dumps({'app': site.app is not None, 'installer': site.installer is not None,\n"
-        "                  'encodings': tokens.encoding.cache_info().currsize,\n"
+        "                  'encodings': token_count.encoding.cache_info().currsize,\n"
         "                  'scripts': __import__('webapp.migrate').migrate.scripts.cache_info().currsize}))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLLGATE_") and k != "DATABASE_URL"}

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
 import secrets
 from typing import Optional
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from werkzeug.security import generate_password_hash
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from .db import db
 from .errors import ApiError
@@ -21,6 +20,34 @@ WORKER_TOKEN_PREFIX = "pgw_"
 INVITE_PREFIX = "pgi_"
 # Writing last_used_at on every call would turn each request into a write.
 LAST_USED_GRANULARITY = dt.timedelta(seconds=60)
+
+
+MIN_PASSWORD = 8
+MAX_EMAIL = 191  # an indexed VARCHAR on utf8mb4
+
+
+def email_problem(email: str) -> Optional[str]:
+    """Say what is wrong with an email address (already stripped and lowered), or None."""
+    if "@" not in email or len(email) > MAX_EMAIL:
+        return "not an email address"
+    return None
+
+
+def password_problem(password: str) -> Optional[str]:
+    """Say what is wrong with a new password, or None."""
+    if len(password) < MIN_PASSWORD:
+        return f"a password needs at least {MIN_PASSWORD} characters"
+    return None
+
+
+def hash_password(password: str) -> str:
+    """Hash a password for storage (werkzeug's salted scrypt)."""
+    return generate_password_hash(password)
+
+
+def password_matches(password_hash: str, password: str) -> bool:
+    """Check a password against its stored hash."""
+    return check_password_hash(password_hash, password)
 
 
 def hash_secret(secret: str) -> str:
@@ -48,13 +75,13 @@ def create_user(email: str, password: str, is_admin: bool = False, tier: Optiona
 def _add_user(s: Session, email: str, password: str, is_admin: bool, tier_id: Optional[int]) -> User:
     """Check the email and password, then add the user inside the caller's transaction."""
     email = email.strip().lower()
-    if "@" not in email or len(email) > 191:
+    if email_problem(email):
         raise ValueError(f"not an email address: {email!r}")
-    if len(password) < 8:
-        raise ValueError("password must be at least 8 characters")
+    if password_problem(password):
+        raise ValueError(password_problem(password))
     if s.scalar(select(User.id).where(User.email == email)) is not None:
         raise ValueError(f"a user with email {email} already exists")
-    user = User(email=email, password_hash=generate_password_hash(password), is_admin=is_admin, tier_id=tier_id)
+    user = User(email=email, password_hash=hash_password(password), is_admin=is_admin, tier_id=tier_id)
     s.add(user)
     try:
         s.flush()
@@ -152,7 +179,8 @@ def authenticate_api_key(header: Optional[str]) -> ApiKey:
     digest = hash_secret(secret)
     with db.read() as s:
         key = s.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
+    # Looked up by the digest itself, so nothing is left to compare.
+    if key is None or key.revoked_at is not None:
         # Never echo the key back: it may be a real secret pasted in the wrong place.
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     now = utcnow()

@@ -255,8 +255,8 @@ def upgrade():
 def invite():
     """Make a one-time sign-up link, optionally for one address and one tier."""
     tier_id = request.form.get("tier_id", type=int)
-    email = request.form.get("email", "").strip()
-    if email and ("@" not in email or len(email) > 191):
+    email = request.form.get("email", "").strip().lower()
+    if email and accounts.email_problem(email):
         flash("That is not an email address; leave it empty to let anyone use the invite.", "error")
         return redirect(url_for("admin.users"))
     with db.read() as s:

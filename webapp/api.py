@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 
-from . import budget, events, jobs, limits, relay, settings, tokens, usage
+from . import budget, events, jobs, limits, relay, settings, token_count, usage
 from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, usage_event
 from .errors import ApiError, ClientGone, json_body
@@ -146,7 +146,7 @@ def chat_completions():
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage = validate_chat(json_body())
     model = worker_request["model"] = resolve_model(key, worker_request["model"])
-    reader = start_request(key, model, worker_request, stream, tokens.count_prompt(worker_request["messages"]))
+    reader = start_request(key, model, worker_request, stream, token_count.count_prompt(worker_request["messages"]))
     if stream:
         return stream_response(reader, include_usage)
     ended, deltas = False, None
@@ -166,7 +166,7 @@ def generate_images():
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request = validate_image(json_body())
     model = worker_request["model"] = resolve_model(key, worker_request["model"], "image")
-    reader = start_request(key, model, worker_request, False, tokens.count_text(worker_request["prompt"]),
+    reader = start_request(key, model, worker_request, False, token_count.count_text(worker_request["prompt"]),
                            kind="image")
     ended, deltas = False, None
     try:

@@ -6,7 +6,6 @@ import datetime as dt
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import select, update
-from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import accounts, events, settings
 from .db import db
@@ -79,7 +78,7 @@ def signup():
 def _check_password(email: str, password: str):
     with db.read() as s:
         user = s.scalar(select(User).where(User.email == email))
-    if user is None or not check_password_hash(user.password_hash, password):
+    if user is None or not accounts.password_matches(user.password_hash, password):
         return None
     return user
 
@@ -107,13 +106,13 @@ def change_password():
         return render_template("password.html")
     current = request.form.get("current", "")
     new = request.form.get("new", "")
-    if not check_password_hash(current_user.password_hash, current):
+    if not accounts.password_matches(current_user.password_hash, current):
         flash("Your current password is not right.", "error")
         return render_template("password.html"), 400
-    if len(new) < 8 or new != request.form.get("confirm", ""):
-        flash("The new password needs at least 8 characters, typed the same twice.", "error")
+    if accounts.password_problem(new) or new != request.form.get("confirm", ""):
+        flash(f"The new password needs at least {accounts.MIN_PASSWORD} characters, typed the same twice.", "error")
         return render_template("password.html"), 400
     with db.begin() as s:
-        s.execute(update(User).where(User.id == current_user.id).values(password_hash=generate_password_hash(new)))
+        s.execute(update(User).where(User.id == current_user.id).values(password_hash=accounts.hash_password(new)))
     flash("Your password is changed.", "info")
     return redirect(url_for("dashboard.overview"))

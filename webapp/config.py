@@ -63,7 +63,7 @@ DB_OUTAGE_GRACE = 15.0
 # from its thread count. Under Passenger a process serves one request, so 0.
 MAX_HELD_PER_PROCESS = 0
 # No one user (with their workers) may hold more than this share of each kind's budget.
-FAIR_SHARE = 0.5
+FAIR_SHARE = 0.75
 
 # Body limits: MySQL 5.7's max_allowed_packet can be 4 MB.
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024

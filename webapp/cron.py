@@ -5,7 +5,7 @@ import logging
 import sys
 import time
 
-from . import create_app
+from . import create_app, migrate
 from .db import is_unavailable
 from .maintenance import TASKS, cron_lock
 
@@ -20,6 +20,11 @@ def run_from_cron(name: str) -> int:
         return 1
     try:
         with app.app_context(), cron_lock(name) as mine:
+            state = migrate.schema_state()
+            if not state.current:
+                # New code on the old schema (or the reverse) would fail on a missing column.
+                print(f"pollgate cron {name}: skipped until the upgrade: {migrate.describe(state)}", file=sys.stderr)
+                return 1
             if not mine:
                 print(f"pollgate cron {name}: a previous run is still going; skipping this one")
                 return 0

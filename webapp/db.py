@@ -1,8 +1,10 @@
 """The database handle: one engine per app, short explicit transactions."""
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
+import os
 import random
 import re
 import time
@@ -151,6 +153,28 @@ class Database:
         with current_app.extensions["pollgate.sessions"]() as session, session.begin():
             yield session
 
+    @contextmanager
+    def named_lock(self, name: str, wait: int = 0) -> Iterator[bool]:
+        """Hold a lock named `name` across processes for the block; yield False if another holds it past `wait` s.
+
+        MySQL's GET_LOCK covers every node on the server; SQLite lives on one host, where a
+        file in the instance folder does.
+        """
+        if self.engine.dialect.name != "mysql":
+            with file_lock(os.path.join(current_app.instance_path, f"{name}.lock")) as got:
+                yield got
+            return
+        with self.engine.connect() as conn:
+            got = conn.execute(text("SELECT GET_LOCK(:n, :w)"), {"n": f"pollgate_{name}", "w": wait}).scalar() == 1
+            # The lock belongs to the session, not the transaction: end the autobegun one.
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": f"pollgate_{name}"})
+                    conn.commit()
+
     def uses_skip_locked(self) -> bool:
         """Decide once per process which claim path this server gets."""
         ext = current_app.extensions
@@ -164,6 +188,19 @@ class Database:
 
 
 db = Database()
+
+
+@contextmanager
+def file_lock(path: str) -> Iterator[bool]:
+    """Hold an exclusive lock on a file for the block; yield False at once if another process holds it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 # InnoDB's deadlock victim (1213) and lock wait timeout (1205): the transaction was rolled

@@ -139,9 +139,9 @@ class SiteSwitch:
         try:
             self.build()
             if self.app is not None:
-                from . import migrate, tokens
+                from . import migrate, token_count
 
-                tokens.warm_up()
+                token_count.warm_up()
                 migrate.scripts()
         except Exception:  # the first request builds again and shows the error the usual way
             log.exception("could not build the app at start-up; the first request will try again")

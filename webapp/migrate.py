@@ -8,11 +8,10 @@ administrator is led to Admin > Upgrade, and everyone else sees a page saying so
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from time import monotonic
-from typing import Iterator, Optional
+from typing import Optional
 
 from alembic import command
 from alembic.config import Config
@@ -21,7 +20,6 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from flask import Flask, Response, current_app, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
-from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,7 +27,6 @@ from .db import db
 from .errors import ApiError, _is_api_path, error_response
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
-LOCK_NAME = "pollgate_migrate"
 # While the schema differs from the code, look at alembic_version again at most this often;
 # once it matches, never again: a process only gets new code by restarting.
 RECHECK = 5.0
@@ -76,32 +73,15 @@ def scripts() -> ScriptDirectory:
     return ScriptDirectory(MIGRATIONS)
 
 
-@contextmanager
-def migration_lock(connection: Connection, timeout: int = 60) -> Iterator[None]:
-    """Hold a server-wide lock so two installers cannot migrate at once (MySQL GET_LOCK)."""
-    if connection.dialect.name != "mysql":
-        yield  # SQLite: BEGIN IMMEDIATE already serialises the writers
-        return
-    got = connection.execute(text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": timeout}).scalar()
-    # The lock belongs to the session, not the transaction: end the autobegun transaction
-    # so Alembic can run one transaction per migration and commit each.
-    connection.commit()
-    if got != 1:
-        raise RuntimeError("another installer is migrating this database; try again in a minute")
-    try:
-        yield
-    finally:
-        connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
-        connection.commit()
-
-
 def upgrade(revision: str = "head") -> None:
     """Apply every pending migration, then have this process look at the schema afresh."""
     state = schema_state()
     if state.unknown:
         raise RuntimeError(describe(state))
     try:
-        with db.engine.connect() as connection, migration_lock(connection):
+        with db.named_lock("migrate", wait=60) as got, db.engine.connect() as connection:
+            if not got:
+                raise RuntimeError("another installer is migrating this database; try again in a minute")
             command.upgrade(alembic_config(connection), revision)
             connection.commit()
     finally:

@@ -1,4 +1,9 @@
-"""Typed models: users, their API keys and worker tokens, jobs and their chunks."""
+"""Typed models, one class per table.
+
+Accounts: tiers, users, api_keys, invites. The queue: workers, jobs, chunks,
+held_requests. Accounting: usage, usage_daily, rate_buckets, model_prices. The admin's:
+settings, model_aliases, events (the system log).
+"""
 from __future__ import annotations
 
 import datetime as dt

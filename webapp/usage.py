@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import events, limits, tokens
+from . import events, limits, token_count
 from .db import db, retrying, upsert_add
 from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, User, utcnow
 
@@ -19,8 +19,8 @@ def job_tokens(job: Job, deltas: Iterable[dict[str, Any]]) -> tuple[int, int, st
     if job.usage_source == "worker" and job.prompt_tokens is not None and job.completion_tokens is not None:
         return job.prompt_tokens, job.completion_tokens, "worker"
     if job.kind == "image":
-        return tokens.count_text(job.request["prompt"]), 0, "tiktoken"
-    return tokens.count_prompt(job.request["messages"]), tokens.count_completion(deltas), "tiktoken"
+        return token_count.count_text(job.request["prompt"]), 0, "tiktoken"
+    return token_count.count_prompt(job.request["messages"]), token_count.count_completion(deltas), "tiktoken"
 
 
 def cost_nanos(price: Optional[ModelPrice], prompt: int, completion: int) -> int:
