@@ -203,11 +203,12 @@ def stream_response(reader: Reader, include_usage: bool) -> Response:
 
 def sse_stream(reader: Reader, job: Job, include_usage: bool) -> Iterator[str]:
     """Relay a job as OpenAI's event stream; every stream a live process serves ends with [DONE]."""
-    # The role chunk goes out at once: Passenger sends no headers before the first bytes.
-    yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
     deltas: list[dict[str, Any]] = []
     ended = False
     try:
+        # The role chunk goes out at once: Passenger sends no headers before the first
+        # bytes. Inside the try: a client already gone fails this very first write.
+        yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
         for kind, payload in relay.follow(reader):
             if kind == "chunks":
                 for chunk in payload:

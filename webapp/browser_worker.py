@@ -3,19 +3,15 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, Response, abort, current_app, render_template, request
+from flask import Blueprint, Response, abort, render_template, request
 from flask_login import current_user, login_required
 
 from . import userscript
 from .accounts import authenticate_worker
 from .errors import ApiError
+from .workers import gateway_url
 
 bp = Blueprint("browser_worker", __name__)
-
-
-def gateway_url() -> str:
-    """Return the URL workers reach this gateway at: the installer's SITE_URL, else this request's."""
-    return current_app.config.get("SITE_URL") or request.url_root.rstrip("/")
 
 
 @bp.get("/userscript/pollgate.user.js")

@@ -9,10 +9,9 @@ from flask_login import current_user, login_required
 from sqlalchemy import case, func, select, update
 
 from . import accounts, limits, usage
-from .browser_worker import gateway_url
 from .db import db
 from .models import ApiKey, Job, Usage, Worker, utcnow
-from .workers import worker_state
+from .workers import gateway_url, worker_state
 
 bp = Blueprint("dashboard", __name__)
 

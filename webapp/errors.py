@@ -117,7 +117,8 @@ def error_response(err: ApiError) -> Response:
     return resp
 
 
-def _is_api_path() -> bool:
+def is_api_path() -> bool:
+    """Tell whether this request is an API or worker call (JSON errors) rather than a page."""
     return request.path.startswith(("/v1/", "/worker/")) or request.path in ("/v1", "/worker")
 
 
@@ -130,7 +131,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def handle_http(err: HTTPException):
-        if not _is_api_path():
+        if not is_api_path():
             if err.code in PAGES:
                 return page(err.code, *PAGES[err.code])
             return err
@@ -153,12 +154,12 @@ def init_app(app: Flask) -> None:
         if is_unavailable(err):
             # The database is restarting or full of connections: nobody's fault, and it passes.
             log.warning("database unavailable on %s %s: %s", request.method, request.path, err.__class__.__name__)
-            if not _is_api_path():
+            if not is_api_path():
                 return page(503, *PAGES[503], retry_after=DB_RETRY_AFTER)
             return error_response(database_unavailable())
         # Log the traceback server-side; the caller gets a clean 500 without internals.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        if not _is_api_path():
+        if not is_api_path():
             return page(500, *PAGES[500])
         return error_response(ApiError(500, "The gateway hit an internal error.", code="internal_error"))
 

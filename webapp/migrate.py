@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from .db import db
-from .errors import ApiError, _is_api_path, error_response
+from .errors import ApiError, is_api_path, error_response
 
 MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 # While the schema differs from the code, look at alembic_version again at most this often;
@@ -150,7 +150,7 @@ def hold_until_upgraded() -> Optional[Response]:
         body = {"ok": False, "schema": state.name, "database": list(state.database),
                 "pending": list(state.pending), "unknown": list(state.unknown)}
         return _retry_later(jsonify(body))
-    if _is_api_path():
+    if is_api_path():
         code = "schema_ahead" if state.unknown else "upgrade_pending"
         message = f"The gateway cannot serve requests until its database matches its code: {describe(state)}."
         return error_response(ApiError(503, message, code=code, retry_after=RETRY_AFTER))

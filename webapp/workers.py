@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from typing import Sequence
 
-from flask import current_app
+from flask import current_app, request
 from sqlalchemy import select, update
 
 from . import settings
@@ -20,6 +20,11 @@ from .models import NOT_READY, Worker, epoch, utcnow
 # A busy worker reports instead of polling; recording each report's time would be a write
 # per report, so last_seen_at moves in steps of this much.
 SEEN_GRANULARITY = dt.timedelta(seconds=10)
+
+
+def gateway_url() -> str:
+    """Return the URL workers reach this gateway at: the installer's SITE_URL, else this request's."""
+    return current_app.config.get("SITE_URL") or request.url_root.rstrip("/")
 
 
 def _live_since() -> dt.datetime:
