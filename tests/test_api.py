@@ -11,7 +11,7 @@ import requests
 
 from conftest import read_until_error
 from protocol import ProtoWorker, WorkerThread
-from webapp import jobs, tokens
+from webapp import jobs, token_count
 from webapp.models import Job, Usage
 
 PROMPT = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
@@ -50,8 +50,8 @@ def test_completion_returns_the_answer_with_exact_usage(app, account, live):
     assert reply.choices[0].message.content == PROMPT[0]["content"]
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason == "stop"
-    assert reply.usage.prompt_tokens == tokens.count_prompt(PROMPT)
-    assert reply.usage.completion_tokens == tokens.count_text(PROMPT[0]["content"])
+    assert reply.usage.prompt_tokens == token_count.count_prompt(PROMPT)
+    assert reply.usage.completion_tokens == token_count.count_text(PROMPT[0]["content"])
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     row = only_usage(app)
     assert (row.status, row.usage_source, row.settled) == ("completed", "tiktoken", True)
@@ -336,3 +336,56 @@ def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, li
     assert answers[0]["reason"] == "cancelled"
     job = only_job(app)
     assert (job.state, job.error_code) == ("cancelled", "client_gone")
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+ASKED = {"role": "user", "content": "weather in Oslo?"}
+
+
+def with_call(**changes) -> list[dict]:
+    """A conversation whose assistant turn (messages[1]) carries CALL with changes."""
+    call = {**CALL, **changes}
+    return [ASKED, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12 C"}]
+
+
+BAD_MESSAGES = [
+    ([ASKED, {"role": "assistant", "content": None, "tool_calls": [1]}], "messages[1].tool_calls[0]"),
+    ([ASKED, {"role": "assistant", "content": "x", "tool_calls": {"0": CALL}}], "messages[1].tool_calls"),
+    (with_call(id=7), "messages[1].tool_calls[0].id"),
+    (with_call(type="code"), "messages[1].tool_calls[0].type"),
+    (with_call(function=None), "messages[1].tool_calls[0].function"),
+    (with_call(function={"name": 5, "arguments": "{}"}), "messages[1].tool_calls[0].function.name"),
+    (with_call(function={"name": "get_weather", "arguments": {"city": "Oslo"}}),
+     "messages[1].tool_calls[0].function.arguments"),
+    ([ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "content": "12 C"}],
+     "messages[2].tool_call_id"),
+    ([ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": 1, "content": "12 C"}], "messages[2].tool_call_id"),
+    ([{**ASKED, "name": ["bob"]}], "messages[0].name"),
+]
+
+
+@pytest.mark.parametrize("messages, param", BAD_MESSAGES)
+def test_malformed_tool_calls_and_names_are_400_naming_the_field(app, account, live, messages, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client(live, account.key).post("/chat/completions", body={"model": "echo", "messages": messages},
+                                       cast_to=object)
+    assert err.value.param == param and err.value.body["type"] == "invalid_request_error"
+    with app.app_context(), jobs.db.read() as s:
+        assert s.query(Job).count() == 0
+
+
+def test_a_tool_call_round_trip_reaches_the_worker_as_sent(app, account, live):
+    seen = []
+
+    def handler(worker, job):
+        seen.append(job["request"]["messages"])
+        worker.say(job, "It is 12 C in Oslo.", finish={"reason": "stop"})
+
+    messages = [{**ASKED, "name": "ann"}, *with_call()[1:]]
+    with WorkerThread(live.url, account.token, handler):
+        reply = client(live, account.key).chat.completions.create(model="echo", messages=messages)
+    assert seen == [messages]
+    assert reply.choices[0].message.content == "It is 12 C in Oslo."
+    assert reply.usage.prompt_tokens == token_count.count_prompt(messages)

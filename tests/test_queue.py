@@ -22,7 +22,7 @@ REQUEST = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
 def submit(app, account, n=1, priority=0, model="echo"):
     """Queue n jobs directly, as the API would."""
     with app.app_context():
-        return [jobs.submit_job(account.user_id, None, model, REQUEST, False, priority).id for _ in range(n)]
+        return [jobs.submit_job(account.user_id, None, model, REQUEST, False, priority)[0].id for _ in range(n)]
 
 
 def job_row(app, job_id) -> Job:
@@ -304,12 +304,12 @@ def test_worker_error_with_retry_goes_to_another_attempt(app, account, live):
     [
         ({}, "jobs"),
         ({"jobs": []}, "jobs"),
-        ({"jobs": [{"id": "x"}]}, "jobs[0]"),
+        ({"jobs": [{"id": "x"}]}, "jobs[0].lease"),
         ({"jobs": [{"id": "x", "lease": "y", "chunks": [{"seq": -1, "delta": {"content": "a"}}]}]}, "jobs[0].chunks[0].seq"),
-        ({"jobs": [{"id": "x", "lease": "y", "chunks": [{"seq": 0, "delta": {"content": 5}}]}]}, "jobs[0].chunks[0].delta"),
-        ({"jobs": [{"id": "x", "lease": "y", "chunks": [{"seq": 0, "delta": {"evil": "a"}}]}]}, "jobs[0].chunks[0].delta"),
-        ({"jobs": [{"id": "x", "lease": "y", "finish": {"reason": "bored"}}]}, "jobs[0].finish"),
-        ({"jobs": [{"id": "x", "lease": "y", "finish": {"usage": {"prompt_tokens": "3"}}}]}, "jobs[0].finish.usage"),
+        ({"jobs": [{"id": "x", "lease": "y", "chunks": [{"seq": 0, "delta": {"content": 5}}]}]}, "jobs[0].chunks[0].delta.content"),
+        ({"jobs": [{"id": "x", "lease": "y", "chunks": [{"seq": 0, "delta": {"evil": "a"}}]}]}, "jobs[0].chunks[0].delta.evil"),
+        ({"jobs": [{"id": "x", "lease": "y", "finish": {"reason": "bored"}}]}, "jobs[0].finish.reason"),
+        ({"jobs": [{"id": "x", "lease": "y", "finish": {"usage": {"prompt_tokens": "3"}}}]}, "jobs[0].finish.usage.prompt_tokens"),
         ({"jobs": [{"id": "x", "lease": "y", "error": "bad"}]}, "jobs[0].error"),
     ],
 )
@@ -331,7 +331,7 @@ def test_malformed_report_is_refused_whole(app, account, live, body, param):
 @pytest.mark.parametrize(
     "body, param",
     [({}, "models"), ({"models": []}, "models"), ({"models": ["a"], "max_jobs": 0}, "max_jobs"),
-     ({"models": ["a"], "wait": -1}, "wait"), ({"models": [1]}, "models")],
+     ({"models": ["a"], "wait": -1}, "wait"), ({"models": [1]}, "models[0]")],
 )
 def test_malformed_claim_is_refused(app, account, live, body, param):
     r = ProtoWorker(live.url, account.token).post("claim", body)

@@ -35,11 +35,34 @@ UNSUPPORTED = {
     "web_search_options": "Web search options are not supported.",
 }
 MAX_STOP = 4
+INT32_MAX = 2**31 - 1  # the widest count any column or client library holds safely
+INT64_MAX = 2**63 - 1
+
+
+# The little rules the client API and the worker protocol (worker_input.py) share.
 
 
 def bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
     """Build a 400 that names the offending parameter."""
     return ApiError(400, message, code=code, param=param)
+
+
+def check_int(value: Any, param: str, low: int, high: int) -> int:
+    """Return value if it is an integer (not a bool) from low to high, else raise a 400 naming param."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"{param} must be an integer.", param, "invalid_type")
+    if not low <= value <= high:
+        raise bad(f"{param} must be an integer from {low} to {high}.", param)
+    return value
+
+
+def check_str(value: Any, param: str, max_length: int | None = None) -> str:
+    """Return value if it is a string of at most max_length characters, else raise a 400 naming param."""
+    if not isinstance(value, str):
+        raise bad(f"{param} must be a string.", param, "invalid_type")
+    if max_length is not None and len(value) > max_length:
+        raise bad(f"{param} must be at most {max_length} characters.", param)
+    return value
 
 
 def validate_chat(body: Any) -> tuple[dict[str, Any], bool, bool]:
@@ -84,13 +107,9 @@ def _param(name: str, value: Any, body: dict) -> Any:
             raise bad(f"{name} must be a number between {low:g} and {high:g}.", name)
         return value
     if name in ("max_tokens", "max_completion_tokens"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad(f"{name} must be a positive integer.", name)
-        return value
+        return check_int(value, name, 1, INT32_MAX)
     if name == "seed":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("seed must be an integer.", name, "invalid_type")
-        return value
+        return check_int(value, name, -INT64_MAX - 1, INT64_MAX)
     if name == "n":
         if value != 1 or isinstance(value, bool):
             raise bad("Only n=1 is supported: each request is served by one worker.", name)
@@ -146,8 +165,35 @@ def _message(i: int, message: Any) -> dict[str, Any]:
             _part(f"{where}.content[{j}]", part)
     elif not isinstance(content, str):
         raise bad(f"{where}.content must be a string or an array of parts.", f"{where}.content", "invalid_type")
+    if message.get("name") is not None:
+        check_str(message["name"], f"{where}.name")
+    if role == "tool":
+        if message.get("tool_call_id") is None:
+            raise bad(f"{where}.tool_call_id is required in a tool message.", f"{where}.tool_call_id",
+                      "missing_required_parameter")
+        check_str(message["tool_call_id"], f"{where}.tool_call_id")
+    if message.get("tool_calls") is not None:
+        _tool_calls(f"{where}.tool_calls", message["tool_calls"])
     # Keep the message as sent: names, tool_call_id and tool_calls matter to the worker.
     return message
+
+
+def _tool_calls(where: str, calls: Any) -> None:
+    # Token counting and every worker read these as OpenAI shapes them; refuse anything else here.
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be an array.", where, "invalid_type")
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise bad(f"{at} must be an object.", at, "invalid_type")
+        check_str(call.get("id"), f"{at}.id")
+        if call.get("type") != "function":
+            raise bad(f"{at}.type must be 'function'.", f"{at}.type")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise bad(f"{at}.function must be an object.", f"{at}.function", "invalid_type")
+        check_str(function.get("name"), f"{at}.function.name")
+        check_str(function.get("arguments"), f"{at}.function.arguments")
 
 
 def _part(where: str, part: Any) -> None:
@@ -184,9 +230,7 @@ def validate_image(body: Any) -> dict[str, Any]:
         raise bad("You must provide a prompt.", "prompt", "missing_required_parameter")
     if len(prompt) > MAX_IMAGE_PROMPT:
         raise bad(f"The prompt is longer than {MAX_IMAGE_PROMPT} characters.", "prompt")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        raise bad(f"n must be an integer from 1 to {MAX_IMAGES}.", "n")
+    n = check_int(body.get("n", 1), "n", 1, MAX_IMAGES)
     response_format = body.get("response_format") or "url"
     if response_format not in IMAGE_FORMATS:
         raise bad("response_format must be 'url' or 'b64_json'.", "response_format")
