@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -54,25 +55,54 @@ class MariaDB:
     def start(self) -> None:
         """Create a data folder, start the server and a password user for the tests."""
         self.dir = tempfile.mkdtemp(prefix="pollgate-mariadb-")
-        data = os.path.join(self.dir, "data")
         subprocess.run(
-            [self.installer, "--no-defaults", f"--datadir={data}", "--user=" + _user(),
+            [self.installer, "--no-defaults", f"--datadir={self.data}", "--user=" + _user(),
              "--auth-root-authentication-method=normal", "--skip-test-db"],
             check=True, capture_output=True, timeout=120,
         )
         self.port = free_port()
+        self._boot(60)
+        with self.root() as conn, conn.cursor() as cur:
+            for host in ("127.0.0.1", "localhost"):
+                cur.execute(f"CREATE USER IF NOT EXISTS '{self.USER}'@'{host}' IDENTIFIED BY '{self.PASSWORD}'")
+                cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{self.USER}'@'{host}'")
+
+    def _launch(self) -> None:
         self.proc = subprocess.Popen(
-            [self.server, "--no-defaults", f"--datadir={data}", f"--socket={self.socket}",
+            [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", "--user=" + _user(),
              "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--max-connections=500",
              "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.dir}/error.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        self._wait_ready()
-        with self.root() as conn, conn.cursor() as cur:
-            for host in ("127.0.0.1", "localhost"):
-                cur.execute(f"CREATE USER IF NOT EXISTS '{self.USER}'@'{host}' IDENTIFIED BY '{self.PASSWORD}'")
-                cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{self.USER}'@'{host}'")
+
+    @property
+    def running(self) -> bool:
+        """Tell whether mariadbd is up (it may have been killed by a fault test)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, timeout: float = 10) -> None:
+        """Kill mariadbd with SIGKILL, as a crash or the OOM killer would, and wait until it is gone."""
+        if self.running:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=timeout)
+
+    def restart(self, timeout: float = 30) -> None:
+        """Start mariadbd again on the same port and data folder (crash recovery included), within timeout."""
+        self.kill()
+        self._boot(timeout)
+
+    def _boot(self, timeout: float) -> None:
+        self._launch()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()  # a server that did not come up in time is not left running
+            raise
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.dir, "data")
 
     @property
     def socket(self) -> str:
@@ -92,7 +122,7 @@ class MariaDB:
                 return
             except pymysql.err.OperationalError:
                 time.sleep(0.1)
-        raise RuntimeError("mariadbd did not start in time")
+        raise RuntimeError(f"mariadbd did not start in {timeout} s; see {self.dir}/error.log")
 
     def new_database(self) -> str:
         """Create an empty database and return its SQLAlchemy URL (over TCP, as a password user)."""

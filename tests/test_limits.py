@@ -267,12 +267,14 @@ def test_tier_priority_orders_the_queue(app, live):
 
 
 def _admit_at(key_id: int, now: dt.datetime, prompt_tokens: int = 5):
-    """Admit one request at a chosen time, straight through limits.admit."""
+    """Admit one request at a chosen time, straight through limits.admit and usage.open_row."""
     with db.begin() as s:
         key = s.get(ApiKey, key_id)
         job = Job(public_id=f"t-{time.monotonic_ns()}", user_id=key.user_id, api_key_id=key.id, model="echo",
                   rank=0, request_json="{}", created_at=now, deadline_at=now)
-        return limits.admit(s, key, job, prompt_tokens, now)
+        states = limits.admit(s, key, job, prompt_tokens, now)
+        usage.open_row(s, job, key.id, prompt_tokens, now)
+        return states
 
 
 def test_windows_slide_exactly_across_minute_edges(app, account):
