@@ -9,6 +9,7 @@ import time
 from urllib.parse import urlsplit
 
 import openai
+import requests
 import pytest
 from sqlalchemy import select, text, update
 
@@ -239,3 +240,47 @@ def test_pages_that_fail_look_like_the_dashboard(app):
     assert "<html" in missing_page.text and "Werkzeug" not in missing_page.text
     api_miss = client.get("/v1/no-such-thing")
     assert api_miss.status_code == 404 and api_miss.json["error"]["code"] == "unknown_url"
+
+
+def test_lone_surrogates_become_replacement_characters_everywhere(app, account, live, admin):
+    client, _ = admin
+    worker = ProtoWorker(live.url, account.token)
+    # Raw JSON: a lone surrogate escape is valid JSON but no valid Unicode, unstorable in utf8mb4.
+    claim = worker.session.post(f"{live.url}/worker/v1/claim", timeout=10, headers={"Content-Type": "application/json"},
+                                data='{"models": ["echo", "bad\\ud800name"], "wait": 0}')
+    assert claim.status_code == 200
+    assert client.get("/admin/").status_code == 200  # the admin queue lists that worker's models
+    holder: dict = {}
+
+    def serve():
+        job = worker.claim(wait=5)[0]
+        entry = {"id": job["id"], "lease": job["lease"],
+                 "chunks": [{"seq": 0, "delta": {"content": "half \\udc00 a pair"}}], "finish": {"reason": "stop"}}
+        holder["answer"] = worker.session.post(f"{live.url}/worker/v1/chunks", data=json.dumps({"jobs": [entry]})
+                                               .replace("\\\\udc00", "\\udc00"), timeout=10,
+                                               headers={"Content-Type": "application/json"}).json()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    body = '{"model": "echo", "stream": true, "messages": [{"role": "user", "content": "x\\ud800y"}]}'
+    with requests.post(f"{live.url}/v1/chat/completions", data=body, stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {account.key}", "Content-Type": "application/json"}) as r:
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    thread.join(timeout=10)
+    assert holder["answer"]["jobs"][0]["ok"] is True
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
+    assert "".join(deltas) == "half \ufffd a pair"
+    with app.app_context(), db.read() as s:
+        assert json.loads(s.scalar(select(Job.request_json)))["messages"][0]["content"] == "x\ufffdy"
+
+
+def test_json_nested_too_deep_is_a_400(live, account):
+    deep = '{"model": "echo", "messages": ' + "[" * 100 + "]" * 100 + "}"
+    r = requests.post(f"{live.url}/v1/chat/completions", data=deep, timeout=10,
+                      headers={"Authorization": f"Bearer {account.key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    very_deep = "[" * 100000 + "]" * 100000  # past Python's own recursion limit
+    r = requests.post(f"{live.url}/v1/chat/completions", data=very_deep, timeout=10,
+                      headers={"Authorization": f"Bearer {account.key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
