@@ -45,15 +45,20 @@ TEST_CONFIG = {
 }
 
 
-@pytest.fixture(scope="session")
-def mariadb() -> Iterator[MariaDB]:
-    """Start one MariaDB server for the whole run."""
+def throwaway_mariadb() -> Iterator[MariaDB]:
+    """Start a MariaDB server on loopback for as long as the caller holds it, or report the missing part."""
     server = MariaDB()
     if not server.available:
         missing("MariaDB server not installed (apt-get install mariadb-server)")
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    """Start one MariaDB server for the whole run."""
+    yield from throwaway_mariadb()
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])

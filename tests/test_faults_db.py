@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-from mariadb import MariaDB
+from conftest import throwaway_mariadb
 from faults import Call, Crew, held_until
 from nodes import FAST, bounded, make_stack, wait_for
-from support import missing
 
 # A lease outlives the outage, so a stream whose database comes back in time can finish.
 SETTINGS = {**FAST, "LEASE_TTL": 10}
@@ -22,12 +21,7 @@ SLACK = 10
 @pytest.fixture(scope="module")
 def lone_mariadb():
     """A MariaDB these tests may kill."""
-    server = MariaDB()
-    if not server.available:
-        missing("MariaDB server not installed (apt-get install mariadb-server)")
-    server.start()
-    yield server
-    server.stop()
+    yield from throwaway_mariadb()
 
 
 @pytest.fixture

@@ -127,16 +127,22 @@ def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any
             log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
 
 
-def follow_to_end(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
-    """Relay a job until it ends; return it with every delta it produced."""
+def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
+    """Relay a non-streamed request's job to its end and end the request; return the completed job
+    with every delta, or raise the error its client gets."""
     deltas: list[dict[str, Any]] = []
     job: Optional[Job] = None
-    for kind, payload in relay.follow(reader):
-        if kind == "chunks":
-            deltas.extend(chunk.delta for chunk in payload)
-        elif kind == "end":
-            job = payload
+    try:
+        for kind, payload in relay.follow(reader):
+            if kind == "chunks":
+                deltas.extend(chunk.delta for chunk in payload)
+            elif kind == "end":
+                job = payload
+    finally:
+        end_request(reader, job is not None, deltas)
     assert job is not None
+    if job.state != "completed":
+        raise relay.job_error(job)
     return job, deltas
 
 
@@ -149,15 +155,8 @@ def chat_completions():
     reader = start_request(key, model, worker_request, stream, token_count.count_prompt(worker_request["messages"]))
     if stream:
         return stream_response(reader, include_usage)
-    ended, deltas = False, None
-    try:
-        job, deltas = follow_to_end(reader)
-        ended = True
-        if job.state != "completed":
-            raise relay.job_error(job)
-        return jsonify(completion(job, deltas))
-    finally:
-        end_request(reader, ended, deltas)
+    job, deltas = relay_plain(reader)
+    return jsonify(completion(job, deltas))
 
 
 @bp.post("/images/generations")
@@ -168,18 +167,11 @@ def generate_images():
     model = worker_request["model"] = resolve_model(key, worker_request["model"], "image")
     reader = start_request(key, model, worker_request, False, token_count.count_text(worker_request["prompt"]),
                            kind="image")
-    ended, deltas = False, None
-    try:
-        job, deltas = follow_to_end(reader)
-        ended = True
-        if job.state != "completed":
-            raise relay.job_error(job)
-        found = images(deltas, worker_request["n"])
-        if not found:
-            raise ApiError(502, "The worker finished without producing an image.", code="upstream_error")
-        return jsonify({"created": epoch(job.created_at), "data": found})
-    finally:
-        end_request(reader, ended, deltas)
+    job, deltas = relay_plain(reader)
+    found = images(deltas, worker_request["n"])
+    if not found:
+        raise ApiError(502, "The worker finished without producing an image.", code="upstream_error")
+    return jsonify({"created": epoch(job.created_at), "data": found})
 
 
 def stream_response(reader: Reader, include_usage: bool) -> Response:
