@@ -6,14 +6,13 @@ from typing import Any
 import requests
 
 from . import __version__
+from .lease import DEFAULT_LEASE_TTL, lease_ttl, report_timeout
 from .retry import describe_error, retry_after
 
-CONNECT_TIMEOUT = 10.0
-# A report that hangs must give up well before the job's lease (30 s by default) runs out,
-# so a retry still has time to land.
-REPORT_TIMEOUT = 15.0
-# The gateway holds a claim for `wait` seconds; give it this much more to answer.
-CLAIM_GRACE = 15.0
+# A claim holds no lease yet, so its connection may take longer than a report's; its read
+# waits out the long-poll (`wait`) plus one lease: an answer later than that would carry
+# jobs whose leases lapsed on the way.
+CLAIM_CONNECT_TIMEOUT = 10.0
 
 
 class GatewayError(Exception):
@@ -28,12 +27,28 @@ class TokenRejected(GatewayError):
     """The gateway refused the worker token (401): it is missing, unknown or revoked."""
 
 
+# What a 429 or 503 means, in words, by its error code.
+BUSY_REASONS = {
+    "upgrade_pending": "the gateway is being upgraded",
+    "database_unavailable": "the gateway's database is unavailable",
+    "gateway_busy": "the gateway is busy",
+}
+
+
 class GatewayBusy(GatewayError):
     """The gateway is busy; try again after `retry_after` seconds."""
 
-    def __init__(self, message: str | None = None, status: int | None = None, retry_after: float = 5.0) -> None:
+    def __init__(
+        self, message: str | None = None, status: int | None = None, retry_after: float = 5.0, code: str = ""
+    ) -> None:
         super().__init__(message, status)
         self.retry_after = retry_after
+        self.code = code  # gateway_busy, upgrade_pending, database_unavailable, ...
+
+    @property
+    def reason(self) -> str:
+        """Say in a few words why the gateway asks the worker to wait."""
+        return BUSY_REASONS.get(self.code, "the gateway is busy")
 
 
 class GatewayUnavailable(GatewayError):
@@ -48,6 +63,7 @@ class Gateway:
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
         self.session.headers["User-Agent"] = f"pollgate-pollclient/{__version__}"
+        self.lease_ttl = DEFAULT_LEASE_TTL  # the latest lease a claim answer named
 
     def claim(self, models: list[str], max_jobs: int, capacity: int, wait: float) -> dict[str, Any]:
         """Long-poll for up to max_jobs jobs; return the answer with its `worker` and `jobs`."""
@@ -59,20 +75,22 @@ class Gateway:
             "kind": "pollclient",
             "version": __version__,
         }
-        answer = self._post("/worker/v1/claim", body, wait + CLAIM_GRACE)
-        if not isinstance(answer.get("jobs", []), list):
-            raise GatewayError("the claim answer has no job list")
+        answer = self._post("/worker/v1/claim", body, (CLAIM_CONNECT_TIMEOUT, wait + self.lease_ttl))
+        jobs = answer.get("jobs", [])
+        if not isinstance(jobs, list):
+            raise GatewayUnavailable("the claim answer has no job list")
+        self.lease_ttl = lease_ttl(answer, *jobs[:1], default=self.lease_ttl)
         return answer
 
-    def report(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send chunks, finishes, errors and heartbeats; return one result per job."""
-        answer = self._post("/worker/v1/chunks", {"jobs": entries}, REPORT_TIMEOUT)
+    def report(self, entries: list[dict[str, Any]], ttl: float) -> list[dict[str, Any]]:
+        """Send chunks, finishes, errors and heartbeats within a third of the lease ttl; return one result per job."""
+        answer = self._post("/worker/v1/chunks", {"jobs": entries}, report_timeout(ttl))
         results = answer.get("jobs")
         return results if isinstance(results, list) else []
 
-    def release(self, jobs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    def release(self, jobs: list[dict[str, str]], ttl: float) -> list[dict[str, Any]]:
         """Hand jobs back, given as {"id", "lease"}; return one result per job."""
-        answer = self._post("/worker/v1/release", {"jobs": jobs}, REPORT_TIMEOUT)
+        answer = self._post("/worker/v1/release", {"jobs": jobs}, report_timeout(ttl))
         results = answer.get("jobs")
         return results if isinstance(results, list) else []
 
@@ -80,9 +98,9 @@ class Gateway:
         """Close the pooled connections."""
         self.session.close()
 
-    def _post(self, path: str, body: dict[str, Any], read_timeout: float) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], timeout: tuple[float, float]) -> dict[str, Any]:
         try:
-            response = self.session.post(self.base_url + path, json=body, timeout=(CONNECT_TIMEOUT, read_timeout))
+            response = self.session.post(self.base_url + path, json=body, timeout=timeout)
         except requests.RequestException as exc:
             raise GatewayUnavailable(describe_error(exc)) from None
         with response:
@@ -90,18 +108,31 @@ class Gateway:
             if status == 401:
                 raise TokenRejected(_error_message(response) or None, status)
             if status in (429, 503):
-                raise GatewayBusy(_error_message(response) or "busy", status, retry_after(response.headers))
+                raise GatewayBusy(
+                    _error_message(response) or "busy", status, retry_after(response.headers), _error_code(response)
+                )
             if status >= 500:
                 raise GatewayUnavailable(f"HTTP {status}: {_error_message(response)}".rstrip(": "), status)
             if status >= 400:
                 raise GatewayError(f"HTTP {status} from {path}: {_error_message(response)}".rstrip(": "), status)
+            # A proxy's or host's error page can come with a 200: retry it like a 5xx.
             try:
                 answer = response.json()
             except ValueError:
-                raise GatewayError(f"{path} did not answer JSON (is the gateway URL right?)", status) from None
+                raise GatewayUnavailable(f"{path} did not answer JSON (is the gateway URL right?)", status) from None
         if not isinstance(answer, dict):
-            raise GatewayError(f"{path} answered {type(answer).__name__}, not an object", status)
+            raise GatewayUnavailable(f"{path} answered {type(answer).__name__}, not an object", status)
         return answer
+
+
+def _error_code(response: requests.Response) -> str:
+    """Return the `code` of an OpenAI-shaped error, or ""."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else ""
 
 
 def _error_message(response: requests.Response) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 
 from .backends import StopSignal
 from .gateway import Gateway, GatewayBusy, GatewayError, GatewayUnavailable, TokenRejected
-from .retry import Backoff
+from .lease import DEFAULT_LEASE_TTL, heartbeat_interval, retry_cap
+from .retry import Backoff, polite_delay
 
 log = logging.getLogger("pollclient")
 
@@ -29,7 +30,7 @@ class Job:
     lease: str
     model: str
     request: dict[str, Any]
-    lease_ttl: float = 30.0
+    lease_ttl: float = DEFAULT_LEASE_TTL
     attempt: int = 1
     stop: StopSignal = field(default_factory=StopSignal)
     unacked: list[dict[str, Any]] = field(default_factory=list)  # chunks in seq order
@@ -132,7 +133,7 @@ class Reporter:
     # -- the flush thread ----------------------------------------------------------
 
     def loop(self) -> None:
-        """Flush until closed: output at most every flush_interval, heartbeats every lease_ttl/3."""
+        """Flush until closed: output at most every flush_interval, heartbeats as the lease asks (lease.py)."""
         while True:
             with self.cond:
                 while not self.closed:
@@ -162,7 +163,7 @@ class Reporter:
                 # every job is batched into one report per flush_interval (the first delta
                 # after a quiet spell still goes at once, as last_flush is old by then).
                 due = min(due, self.last_flush + self.flush_interval if job.flushed else -math.inf)
-            due = min(due, job.last_report + job.lease_ttl / 3)
+            due = min(due, job.last_report + heartbeat_interval(job.lease_ttl))
         return max(due, self.retry_at)
 
     def _take_batch(self, now: float) -> list[dict[str, Any]]:
@@ -171,7 +172,7 @@ class Reporter:
         chunks_left, bytes_left = self.max_chunks, self.max_bytes
         for job in self.jobs.values():
             # Renew leases that are half-way to the next heartbeat while a report goes anyway.
-            if not job.pending and now - job.last_report < job.lease_ttl / 6:
+            if not job.pending and now - job.last_report < heartbeat_interval(job.lease_ttl) / 2:
                 continue
             chunks = []
             for chunk in job.unacked:
@@ -189,19 +190,27 @@ class Reporter:
 
     def _send(self, entries: list[dict[str, Any]]) -> None:
         sent_at = time.monotonic()
+        # One report speaks for every job in it: time it by the shortest lease.
+        ttl = self._shortest_ttl()
         try:
-            results = self.gateway.report(entries)
+            results = self.gateway.report(entries, ttl)
         except TokenRejected as exc:
             self.on_fatal(f"the gateway refused the worker token: {exc}")
             self._retry_later(5.0)
             return
         except GatewayBusy as exc:
-            self._note_failure(f"gateway busy, reports wait {exc.retry_after:.0f} s")
-            self._retry_later(min(exc.retry_after, self._shortest_ttl() / 3))
+            # Waiting out a long Retry-After would let the leases lapse: try again within
+            # the lease's retry cap, and say so.
+            delay = polite_delay(exc.retry_after, cap=retry_cap(ttl))
+            self._note_failure(
+                f"{exc.reason} ({exc}); it asks for {exc.retry_after:.0f} s, "
+                f"but reports are retried every {delay:.1f} s to keep the leases"
+            )
+            self._retry_later(delay)
             return
         except GatewayUnavailable as exc:
             self._note_failure(f"cannot send output to the gateway: {exc}; retrying")
-            self._retry_later(self.backoff.next())
+            self._retry_later(self.backoff.next(cap=retry_cap(ttl)))
             return
         except GatewayError as exc:
             self._reject(entries, exc)
@@ -213,7 +222,7 @@ class Reporter:
         self._apply(entries, results, sent_at)
 
     def _apply(self, entries: list[dict[str, Any]], results: list[dict[str, Any]], sent_at: float) -> None:
-        by_id = {r.get("id"): r for r in results if isinstance(r, dict)}
+        by_id = {r["id"]: r for r in results if isinstance(r, dict) and isinstance(r.get("id"), str)}
         done: list[tuple[Job, str]] = []
         with self.cond:
             self.retry_at = -math.inf
@@ -283,7 +292,7 @@ class Reporter:
 
     def _shortest_ttl(self) -> float:
         with self.cond:
-            return min((job.lease_ttl for job in self.jobs.values()), default=30.0)
+            return min((job.lease_ttl for job in self.jobs.values()), default=DEFAULT_LEASE_TTL)
 
 
 def _ack(job: Job, next_seq: Any) -> None:

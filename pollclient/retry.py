@@ -17,9 +17,9 @@ class Backoff:
         self.cap = cap
         self.failures = 0
 
-    def next(self) -> float:
-        """Return the delay before the next try and count this failure."""
-        delay = min(self.cap, self.first * 2**self.failures)
+    def next(self, cap: float | None = None) -> float:
+        """Return the delay before the next try (at most cap, if given) and count this failure."""
+        delay = min(self.cap if cap is None else min(cap, self.cap), self.first * 2**min(self.failures, 32))
         self.failures += 1
         # "Equal jitter": never less than half the delay, so a crowd of workers spreads out
         # without any of them hammering a gateway that is still down.
@@ -28,6 +28,19 @@ class Backoff:
     def reset(self) -> None:
         """Start from the first delay again."""
         self.failures = 0
+
+
+# However long a 429 or 503 asks a worker to wait, it tries again within this many seconds:
+# an upgrade or a database outage can end sooner than the gateway guessed.
+MAX_RETRY_AFTER = 120.0
+RETRY_AFTER_FLOOR = 0.5  # a Retry-After of 0 must not become a busy loop
+
+
+def polite_delay(seconds: float, cap: float = MAX_RETRY_AFTER) -> float:
+    """Return how long to wait on a Retry-After: it, plus up to a fifth more so a crowd spreads out, at most cap."""
+    delay = max(seconds, RETRY_AFTER_FLOOR) * random.uniform(1.0, 1.2)
+    # Never past the cap, but still spread out below it.
+    return delay if delay <= cap else cap * random.uniform(0.8, 1.0)
 
 
 def retry_after(headers: Mapping[str, str], default: float = 5.0) -> float:

@@ -10,8 +10,9 @@ from typing import Any
 
 from .backends import BACKENDS, BackendConfig, BackendError
 from .gateway import Gateway, GatewayBusy, GatewayError, GatewayUnavailable, TokenRejected
+from .lease import lease_ttl
 from .reporter import Job, Reporter
-from .retry import Backoff
+from .retry import Backoff, polite_delay
 
 log = logging.getLogger("pollclient")
 
@@ -36,7 +37,7 @@ class Worker:
         self.exit_code = 0
         self.claimed = 0
         self.claim_in_flight = False
-        self.claim_state = "starting"  # then connected, busy or unreachable: logged when it changes
+        self.claim_state = "starting"  # then connected, busy:<code> or unreachable: logged when it changes
         self.claim_backoff = Backoff(first=1.0, cap=30.0)
         self.ever_connected = False
         self.counts = {"served": 0, "failed": 0, "stopped": 0}
@@ -142,7 +143,8 @@ class Worker:
     def _release(self, jobs: list[Job]) -> None:
         """Hand jobs back to the gateway so another worker can take them."""
         try:
-            results = self.gateway.release([{"id": job.id, "lease": job.lease} for job in jobs])
+            ttl = min(job.lease_ttl for job in jobs)
+            results = self.gateway.release([{"id": job.id, "lease": job.lease} for job in jobs], ttl)
         except GatewayError as exc:
             log.warning(
                 "could not release %d job(s): %s (the gateway takes them back when their leases expire)", len(jobs), exc
@@ -170,7 +172,7 @@ class Worker:
                 continue  # every slot busy: no poll until one frees
             answer = self._claim(free)
             if answer is not None:
-                self._start_jobs(answer.get("jobs") or [])
+                self._start_jobs(answer)
 
     def _free_slots(self) -> int | None:
         """Wait up to a second for a free slot; return how many, or None when claiming is over."""
@@ -201,15 +203,20 @@ class Worker:
             self._fatal(f"the gateway refused the worker token: {exc}")
             return None
         except GatewayBusy as exc:
-            if self.claim_state != "busy":
-                log.warning("the gateway is busy (%s); waiting %.0f s between tries", exc, exc.retry_after)
-            self.claim_state = "busy"
-            self.stopping.wait(exc.retry_after)
+            delay = polite_delay(exc.retry_after)
+            if self.claim_state != f"busy:{exc.code}":
+                log.warning("%s (%s); waiting %.0f s between tries, as it asks", exc.reason, exc, delay)
+            log.debug("next claim in %.1f s (Retry-After: %.0f s)", delay, exc.retry_after)
+            self.claim_state = f"busy:{exc.code}"
+            self.stopping.wait(delay)
             return None
         except GatewayUnavailable as exc:
             delay = self.claim_backoff.next()
             if self.claim_state != "unreachable":
-                log.warning("cannot reach the gateway at %s: %s; retrying with backoff", self.gateway.base_url, exc)
+                if exc.status:  # it answered, with a 5xx or something that is not JSON
+                    log.warning("the gateway at %s failed: %s; retrying with backoff", self.gateway.base_url, exc)
+                else:
+                    log.warning("cannot reach the gateway at %s: %s; retrying with backoff", self.gateway.base_url, exc)
             log.debug("next claim in %.1f s", delay)
             self.claim_state = "unreachable"
             self.stopping.wait(delay)
@@ -240,11 +247,11 @@ class Worker:
             worker.get("name", "?"), worker.get("id", "?"), ", ".join(self.settings.models), self.capacity,
         )
 
-    def _start_jobs(self, entries: list[Any]) -> None:
+    def _start_jobs(self, answer: dict[str, Any]) -> None:
         """Start a thread per claimed job; release at once the jobs that came after shutdown began."""
         late = []
-        for entry in entries:
-            job = _job_from(entry)
+        for entry in answer.get("jobs") or []:
+            job = _job_from(entry, answer)
             if job is None:
                 log.warning("ignoring a malformed job from the gateway: %.200r", entry)
                 continue
@@ -312,19 +319,20 @@ class Worker:
             self.counts[outcome] += 1
 
 
-def _job_from(entry: Any) -> Job | None:
-    """Build a Job from one claimed entry, or None when it lacks what a report needs."""
+def _job_from(entry: Any, answer: dict[str, Any]) -> Job | None:
+    """Build a Job from one entry of a claim answer, or None when it lacks what a report needs."""
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not isinstance(entry.get("lease"), str):
         return None
     request = entry.get("request")
     if not isinstance(request, dict):
         request = {}
-    ttl, attempt = entry.get("lease_ttl"), entry.get("attempt")
+    attempt = entry.get("attempt")
     return Job(
         id=entry["id"],
         lease=entry["lease"],
         model=str(entry.get("model") or request.get("model") or "?"),
         request=request,
-        lease_ttl=float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else 30.0,
+        # The answer's own lease_ttl, where the gateway sends one, speaks for all its jobs.
+        lease_ttl=lease_ttl(answer, entry),
         attempt=attempt if isinstance(attempt, int) else 1,
     )

@@ -3,6 +3,7 @@ subprocess, and the worker loop against a small in-test fake of the worker proto
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pollclient import lease
 from pollclient.backends import (
     BackendConfig,
     BackendError,
@@ -27,7 +29,9 @@ from pollclient.backends import (
     split_words,
     upstream_http_error,
 )
+from pollclient.retry import Backoff, polite_delay
 from tests.fake_upstream import ANSWER, REASONING, TOOL_ARGUMENTS, FakeUpstream, start_fake_upstream
+from webapp import config as gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "pgw_test_secret_token_123"
@@ -361,6 +365,13 @@ class FakeGateway:
         self.max_chunks = 2000  # a report with more chunks gets a 413, like the real MAX_CHUNKS_PER_REPORT
         self.gap_once: set[str] = set()  # jobs whose first report gets a seq_gap back
         self.cancel: set[str] = set()  # jobs answered stop/cancelled
+        # Canned answers, (status, headers, body bytes), given to the next calls of a path first.
+        self.canned: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
+        self.hang_reports: set[int] = set()  # the n-th chunk reports (from 0) that never get an answer
+        self.hung: list[tuple[float, float]] = []  # (received, abandoned by the worker) of each one
+        self.report_count = 0
+        self.enforce_leases = False  # a report past its lease gets lease_lost, like the real gateway
+        self.renewed: dict[str, float] = {}  # when each lease was last renewed
         handler = type("Handler", (_GatewayHandler,), {"gateway": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
@@ -384,6 +395,43 @@ class FakeGateway:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def take_hang(self, path: str) -> bool:
+        """Count a chunk report; tell whether to leave it unanswered."""
+        with self.cond:
+            if path != "/worker/v1/chunks":
+                return False
+            self.report_count += 1
+            return self.report_count - 1 in self.hang_reports
+
+    def hang(self, connection: socket.socket) -> None:
+        """Answer nothing until the worker gives up on the request and closes the connection."""
+        received = time.monotonic()
+        connection.settimeout(30)
+        try:
+            closed = connection.recv(1) == b""  # the worker sends nothing more on this connection
+        except TimeoutError:
+            closed = False
+        except ConnectionError:
+            closed = True
+        with self.cond:
+            self.hung.append((received, time.monotonic() if closed else math.inf))
+            self.cond.notify_all()
+
+    def answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        """Return a canned answer for the path if one is left, else the protocol's answer."""
+        with self.cond:
+            canned = self.canned.get(path)
+            if canned:
+                if path == "/worker/v1/claim":
+                    self.claims.append(body)
+                    self.claim_times.append(time.monotonic())
+                else:
+                    self.reports.append((time.monotonic(), body))
+                self.cond.notify_all()
+                return canned.pop(0)
+        status, answer = self.handle(path, body)
+        return status, {"Retry-After": "1"} if status == 503 else {}, json.dumps(answer).encode()
 
     def handle(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self.cond:
@@ -413,6 +461,7 @@ class FakeGateway:
         answer = []
         for job in jobs:
             self.leases[job["id"]] = f"lease-{job['id']}"
+            self.renewed[job["id"]] = time.monotonic()
             self.stored.setdefault(job["id"], [])
             answer.append({
                 "id": job["id"], "lease": self.leases[job["id"]], "lease_ttl": self.lease_ttl, "deadline_in": 300,
@@ -435,8 +484,10 @@ class FakeGateway:
     def _apply(self, entry: dict[str, Any]) -> dict[str, Any]:
         job_id = entry["id"]
         stored = self.stored[job_id]
-        if self.leases.get(job_id) != entry["lease"]:
+        lapsed = self.enforce_leases and time.monotonic() - self.renewed.get(job_id, -math.inf) > self.lease_ttl
+        if self.leases.get(job_id) != entry["lease"] or (lapsed and job_id not in self.ended):
             return {"id": job_id, "ok": False, "next_seq": 0, "stop": True, "reason": "lease_lost"}
+        self.renewed[job_id] = time.monotonic()
         if job_id in self.ended:
             return {"id": job_id, "ok": True, "next_seq": len(stored), "stop": True, "reason": "finished"}
         if job_id in self.cancel:
@@ -457,6 +508,9 @@ class FakeGateway:
 
 class _GatewayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The body goes out in a second write: without this, Nagle holds it until the worker's
+    # delayed ACK (40 ms), and every report takes that long.
+    disable_nagle_algorithm = True
     gateway: FakeGateway
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -465,13 +519,15 @@ class _GatewayHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         assert self.headers["Authorization"] == f"Bearer {TOKEN}"
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        status, answer = self.gateway.handle(self.path, body)
-        data = json.dumps(answer).encode()
+        if self.gateway.take_hang(self.path):
+            self.gateway.hang(self.connection)
+            self.close_connection = True
+            return
+        status, headers, data = self.gateway.answer(self.path, body)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
-        if status == 503:
-            self.send_header("Retry-After", "1")
         self.end_headers()
         self.wfile.write(data)
 
@@ -690,3 +746,130 @@ def test_worker_waits_for_the_gateway_to_come_back() -> None:
         assert "connected to" in log
     finally:
         gateway.stop()
+
+
+# -- timings derived from the lease --------------------------------------------------------
+
+
+def test_the_default_lease_is_the_gateways() -> None:
+    assert lease.DEFAULT_LEASE_TTL == gateway_config.LEASE_TTL
+    assert lease.lease_ttl({}, {}) == gateway_config.LEASE_TTL
+
+
+@pytest.mark.parametrize(
+    "answer, job, expected",
+    [
+        ({"lease_ttl": 6}, {"lease_ttl": 9}, 6.0),  # the claim answer's own lease speaks for its jobs
+        ({}, {"lease_ttl": 9}, 9.0),
+        ({"lease_ttl": 0}, {"lease_ttl": 2.5}, 2.5),
+        ({"lease_ttl": "6"}, {"lease_ttl": True}, lease.DEFAULT_LEASE_TTL),
+        ({"lease_ttl": -1}, {"lease_ttl": float("nan")}, lease.DEFAULT_LEASE_TTL),
+        ({"lease_ttl": None}, {"lease_ttl": float("inf")}, lease.DEFAULT_LEASE_TTL),
+    ],
+)
+def test_the_lease_comes_from_the_claim_answer_then_the_job(answer: Any, job: Any, expected: float) -> None:
+    assert lease.lease_ttl(answer, job) == expected
+
+
+@pytest.mark.parametrize("ttl", [1.5, 2, 3, 5, 15, 30, 60, 600])
+def test_a_hung_report_is_given_up_and_resent_inside_the_lease(ttl: float) -> None:
+    connect, read = lease.report_timeout(ttl)
+    assert connect + read <= ttl / 3 + 1e-9  # the whole report, a new connection included
+    assert read >= connect > 0
+    heartbeat = lease.heartbeat_interval(ttl)
+    assert heartbeat <= ttl / 3 + 1e-9
+    cap = lease.retry_cap(ttl)
+    backoff = Backoff(first=0.5, cap=5.0)
+    assert all(backoff.next(cap=cap) <= cap for _ in range(50))
+    assert all(polite_delay(3600, cap=cap) <= cap for _ in range(50))  # an upgrade's long Retry-After too
+    # A heartbeat that hangs for its whole timeout is sent again with a quarter of the lease left.
+    assert heartbeat + connect + read + cap <= ttl * 3 / 4 + 1e-9
+
+
+def test_tiny_and_long_leases_keep_sane_timeouts() -> None:
+    assert sum(lease.report_timeout(0.1)) == pytest.approx(lease.REPORT_TIMEOUT_FLOOR)
+    assert lease.heartbeat_interval(0.01) == lease.HEARTBEAT_FLOOR
+    assert sum(lease.report_timeout(3600)) == pytest.approx(lease.REPORT_TIMEOUT_CEILING)
+
+
+def test_retry_after_is_waited_out_with_jitter_and_bounded() -> None:
+    delays = [polite_delay(10) for _ in range(200)]
+    assert all(10 <= d <= 12 for d in delays) and len(set(delays)) > 100  # never early, spread out
+    assert all(0.5 <= polite_delay(0) <= 0.6 for _ in range(50))  # a Retry-After of 0 is no busy loop
+    assert all(96 <= polite_delay(3600) <= 120 for _ in range(50))  # bounded, still spread out
+
+
+@pytest.fixture
+def short_lease() -> Iterator[FakeGateway]:
+    """A fake gateway with a 3 s lease that it enforces: a report past it gets lease_lost."""
+    server = FakeGateway(lease_ttl=3.0)
+    server.enforce_leases = True
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("hang, echo_delay", [(0, "0"), (1, "2.5")], ids=["output", "heartbeat"])
+def test_worker_resends_a_hung_report_before_the_lease_lapses(short_lease: FakeGateway, hang: int, echo_delay: str):
+    gateway = short_lease
+    gateway.hang_reports = {hang}
+    gateway.add_job("job-1", "first second")
+    code, log = finish(start_worker(gateway.url, "--once", "--echo-delay", echo_delay))
+    assert code == 0, log
+    assert gateway.text("job-1") == "first second" and gateway.ended["job-1"] == {"reason": "stop"}
+    [(received, abandoned)] = gateway.hung
+    assert abandoned - received < 3 / 3 + 0.3  # given up within a third of the lease (and scheduling slack)
+    answered = [t for t, _ in gateway.reports]
+    renewed = max([gateway.claimed_at[0], *(t for t in answered if t < received)])
+    resent = min(t for t in answered if t > received)
+    assert resent - renewed < 3 * 3 / 4 + 0.3  # with time to spare before the lease lapsed
+    assert "cannot send output to the gateway: timed out; retrying" in log
+
+
+def error_answer(status: int, code: str, message: str, retry_after: str = "1") -> tuple[int, dict[str, str], bytes]:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return status, {"Retry-After": retry_after}, json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "status, code, words",
+    [
+        (503, "upgrade_pending", "the gateway is being upgraded"),
+        (503, "database_unavailable", "the gateway's database is unavailable"),
+        (429, "gateway_busy", "the gateway is busy"),
+    ],
+)
+def test_worker_waits_out_retry_after_and_says_why(gateway: FakeGateway, status: int, code: str, words: str):
+    gateway.canned["/worker/v1/claim"] = [error_answer(status, code, "Try again shortly.")] * 2
+    gateway.add_job("job-1", "patience")
+    exit_code, log = finish(start_worker(gateway.url, "--once"))
+    assert exit_code == 0, log
+    assert gateway.text("job-1") == "patience"
+    assert log.count(f"{words} (Try again shortly.); waiting 1 s between tries, as it asks") == 1
+    times = gateway.claim_times
+    assert len(times) == 3 and all(0.99 < b - a < 2 for a, b in zip(times, times[1:]))
+
+
+def test_a_busy_answer_to_a_report_is_retried_within_the_lease(short_lease: FakeGateway) -> None:
+    gateway = short_lease
+    gateway.canned["/worker/v1/chunks"] = [error_answer(503, "upgrade_pending", "Upgrading.", retry_after="30")]
+    gateway.add_job("job-1", "still here")
+    code, log = finish(start_worker(gateway.url, "--once"))
+    assert code == 0, log
+    assert gateway.text("job-1") == "still here"
+    (refused, _), (resent, _) = gateway.reports[:2]
+    assert resent - refused < lease.retry_cap(3) + 0.3  # not the 30 s it asked for: the lease is 3 s
+    assert "the gateway is being upgraded (Upgrading.); it asks for 30 s, but reports are retried every" in log
+
+
+def test_non_json_and_5xx_answers_do_not_stop_the_worker(gateway: FakeGateway) -> None:
+    html = (200, {"Content-Type": "text/html"}, b"<html><body>Welcome to your new site!</body></html>")
+    bad_gateway = (502, {"Content-Type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>")
+    gateway.canned["/worker/v1/claim"] = [html, bad_gateway]
+    gateway.canned["/worker/v1/chunks"] = [html, bad_gateway, (200, {}, b"[1, 2]"), (200, {}, b'{"jobs": "no"}')]
+    gateway.add_job("job-1", "one two three")
+    code, log = finish(start_worker(gateway.url, "--once"))
+    assert code == 0, log
+    assert gateway.text("job-1") == "one two three" and gateway.ended["job-1"] == {"reason": "stop"}
+    assert "failed: /worker/v1/claim did not answer JSON (is the gateway URL right?); retrying" in log
+    assert "cannot send output to the gateway: /worker/v1/chunks did not answer JSON" in log
+    assert len(gateway.claims) == 3 and len(gateway.reports) >= 5

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
 from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
 from fake_upstream import ANSWER as LOCAL_ANSWER, start_fake_upstream
+from webapp import config as gateway_config
 from webapp import userscript
 from webapp.db import db
 from webapp.models import Job, Worker
@@ -291,3 +294,159 @@ def test_the_dashboard_hands_out_a_userscript_set_up_for_this_gateway(app, accou
 def test_the_committed_userscript_is_built_from_its_sources():
     with open(os.path.join(ROOT, "userscript", "pollgate.user.js"), encoding="utf-8") as handle:
         assert handle.read() == userscript.build(), "run: python userscript/build.py"
+
+
+# -- timings that follow the lease, and a gateway that hangs or asks to wait ---------------
+
+
+class GatewayProxy:
+    """Forwards the worker's calls to the gateway, except that it leaves the chunk reports
+    numbered in `.hang_reports` (from 0) unanswered until the tab gives up on them, and
+    answers calls with `.canned` answers while it has some for that path."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, float]] = []  # (claim / chunks / status / release, when received)
+        self.hang_reports: set[int] = set()
+        self.hung: list[tuple[float, float]] = []  # (received, abandoned by the tab)
+        self.canned: dict[str, list[tuple[int, dict, bytes]]] = {}
+        handler = type("Handler", (_ProxyHandler,), {"proxy": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def times(self, kind: str) -> list[float]:
+        with self.lock:
+            return [at for k, at in self.calls if k == kind]
+
+    def take(self, kind: str):
+        """Record a call; return "hang", a canned answer, or None to forward it."""
+        with self.lock:
+            hang = kind == "chunks" and len([k for k, _ in self.calls if k == "chunks"]) in self.hang_reports
+            self.calls.append((kind, time.monotonic()))
+            if hang:
+                return "hang"
+            return self.canned[kind].pop(0) if self.canned.get(kind) else None
+
+    def hang(self, connection) -> None:
+        received = time.monotonic()
+        connection.settimeout(30)
+        try:
+            closed = connection.recv(1) == b""  # the worker sends nothing more on this connection
+        except TimeoutError:
+            closed = False
+        except ConnectionError:
+            closed = True
+        with self.lock:
+            self.hung.append((received, time.monotonic() if closed else math.inf))
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    proxy: GatewayProxy
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        action = self.proxy.take(self.path.rsplit("/", 1)[-1])
+        if action == "hang":
+            self.proxy.hang(self.connection)
+            self.close_connection = True
+            return
+        if action is None:
+            answer = requests.post(self.proxy.target + self.path, data=body, timeout=60, headers={
+                "Authorization": self.headers["Authorization"], "Content-Type": "application/json"})
+            headers = {k: answer.headers[k] for k in ("Content-Type", "Retry-After") if k in answer.headers}
+            action = (answer.status_code, headers, answer.content)
+        status, headers, data = action
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def proxy(live):
+    server = GatewayProxy(live.url)
+    yield server
+    server.stop()
+
+
+def test_report_timings_follow_the_lease(chromium_open):
+    page = chromium_open.new_page()
+    for name in ("lines.js", "gm.js", "protocol.js"):
+        page.add_script_tag(path=os.path.join(ROOT, "userscript", "src", name))
+    for ttl in (1.5, 2, 3, 5, 15, 30, 60, 600):
+        t = page.evaluate("(ttl) => leaseTimings(ttl)", ttl)
+        assert t["reportMs"] <= ttl / 3 * 1000 + 1e-6 and t["heartbeatMs"] <= ttl / 3 * 1000 + 1e-6
+        # A heartbeat that hangs for its whole timeout is sent again with a quarter of the lease left.
+        assert t["heartbeatMs"] + t["reportMs"] + t["retryMs"] <= ttl * 750 + 1e-6
+        assert page.evaluate("(cap) => Math.max(...Array.from({length: 50}, () => politeDelay(3600, cap)))",
+                             t["retryMs"] / 1000) <= t["retryMs"] / 1000
+    # With no job held, the gateway's default lease: LEASE_TTL in webapp/config.py.
+    assert page.evaluate("leaseTimings()") == page.evaluate(f"leaseTimings({gateway_config.LEASE_TTL})")
+    assert page.evaluate("leaseTtl([{lease_ttl: 6}, {lease_ttl: 9}])") == 6  # the claim answer's own first
+    assert page.evaluate("leaseTtl([{}, {lease_ttl: 9}])") == 9
+    assert page.evaluate("leaseTtl([{lease_ttl: '6'}, {lease_ttl: 0}])") == gateway_config.LEASE_TTL
+    delays = page.evaluate("Array.from({length: 200}, () => politeDelay(10))")
+    assert all(10 <= d <= 12 for d in delays) and len(set(delays)) > 100  # never early, spread out
+    assert 96 <= page.evaluate("politeDelay(3600)") <= 120  # bounded
+    page.close()
+
+
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
+def test_a_hung_report_is_abandoned_and_resent_within_the_lease(app, chromium_open, arena, account, live, proxy):
+    proxy.hang_reports = {0}
+    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
+                                                        "adapter": "lmarena"})
+    context.new_page().goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    reply = api.chat.completions.create(model="arena-text", messages=PROMPT)
+    context.close()
+    assert reply.choices[0].message.content.startswith(ANSWER)
+    [(received, abandoned)] = proxy.hung
+    # Given up after a third of the 3 s lease, not a minute; sent again at once, with time to
+    # spare before the lease lapses (the slack is for a loaded machine's timers).
+    assert abandoned - received < 1 + 0.75
+    resent = min(at for at in proxy.times("chunks") if at > received)
+    assert resent - received < 1.25 + 0.75
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job))
+    assert (job.state, job.attempts) == ("completed", 1)  # never lapsed, never handed to another worker
+
+
+def test_busy_and_broken_claim_answers_are_waited_out_and_said(chromium_open, arena, account, live, proxy):
+    upgrading = {"error": {"message": "Upgrading.", "type": "service_unavailable", "param": None,
+                           "code": "upgrade_pending"}}
+    proxy.canned["claim"] = [
+        (503, {"Content-Type": "application/json", "Retry-After": "1"}, json.dumps(upgrading).encode()),
+        (200, {"Content-Type": "text/html"}, b"<html><body>Welcome to your new site!</body></html>"),
+    ]
+    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
+                                                        "adapter": "lmarena"})
+    page = context.new_page()
+    page.goto(arena.url + "/")
+    message = page.locator("#pollgate-panel [data-role=message]")
+    wait_state(page, "waiting")
+    expect(message).to_contain_text("The gateway is being upgraded; trying again in 1 s, as it asked.")
+    assert "Pollgate: waiting for the gateway" in page.title()
+    wait_state(page, "error")
+    expect(message).to_contain_text("The gateway answered claim with something that is not JSON")
+    wait_state(page, "connected")
+    claims = proxy.times("claim")
+    assert claims[1] - claims[0] >= 0.99  # Retry-After was waited out
+    api = client(live, account)
+    assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
+    context.close()

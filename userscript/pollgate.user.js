@@ -88,11 +88,16 @@ class HttpError extends Error {
     this.status = status;
     this.body = body;
     this.headers = headers || "";
+    this.code = errorCode(body); // gateway_busy, upgrade_pending, database_unavailable, ...
   }
 
+  // Retry-After in seconds (a number or an HTTP date), or the fallback.
   retryAfter(fallback) {
-    const match = /^retry-after:\s*([\d.]+)/im.exec(this.headers);
-    return match ? Math.min(300, Number(match[1])) : fallback;
+    const match = /^retry-after:\s*(.+?)\s*$/im.exec(this.headers);
+    if (!match) return fallback;
+    const value = match[1];
+    const seconds = /^[\d.]+$/.test(value) ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+    return Number.isFinite(seconds) ? Math.min(300, Math.max(0, seconds)) : fallback;
   }
 }
 
@@ -101,13 +106,26 @@ function httpMessage(status, body) {
     const parsed = JSON.parse(body);
     if (parsed && parsed.error) return `HTTP ${status}: ${errorText(parsed.error)}`;
   } catch (e) { /* not JSON */ }
-  return status ? `HTTP ${status}` : "network error";
+  return status ? `HTTP ${status}` : body || "network error";
+}
+
+function errorCode(body) {
+  try {
+    const code = JSON.parse(body).error.code;
+    return typeof code === "string" ? code : "";
+  } catch (e) {
+    return "";
+  }
 }
 
 // One request; resolves with the response text, rejects with HttpError. onProgress gets
-// the text so far while a streamed answer arrives.
+// the text so far while a streamed answer arrives. `timeout` (ms) bounds the whole request:
+// the manager is told, and a timer of our own holds it to that, as not every manager does.
 function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, onProgress, signal, binary }) {
-  return new Promise((resolve, reject) => {
+  return new Promise((resolveOnce, rejectOnce) => {
+    let timer = null;
+    const resolve = (value) => { clearTimeout(timer); resolveOnce(value); };
+    const reject = (error) => { clearTimeout(timer); rejectOnce(error); };
     const handle = GM_xmlhttpRequest({
       method,
       url,
@@ -124,7 +142,9 @@ function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, o
       ontimeout: () => reject(new HttpError(0, "timed out", "")),
       onabort: () => reject(new DOMException("aborted", "AbortError")),
     });
-    if (signal) signal.addEventListener("abort", () => handle && handle.abort && handle.abort());
+    const abort = () => handle && handle.abort && handle.abort();
+    if (timeout > 0) timer = setTimeout(() => { reject(new HttpError(0, "timed out", "")); abort(); }, timeout);
+    if (signal) signal.addEventListener("abort", abort);
   });
 }
 
@@ -171,77 +191,156 @@ function flattenMessages(messages) {
 }
 
 // The worker protocol (docs/worker-protocol.md): claim, report chunks, release, status.
+
+// Every report timing derives from the job's lease: it lapses lease_ttl seconds after the
+// gateway last heard about the job (LEASE_TTL in webapp/config.py, 15 s by default, is
+// assumed until a claim names one). Counting from the last report that got through:
+//   ttl/3     a heartbeat goes out (the protocol asks for one at least this often)
+//   2 ttl/3   at the latest, a hung report is abandoned (a report times out after ttl/3)
+//   3 ttl/4   at the latest, it is sent again (a retry waits at most ttl/12)
+// so the retry still has a quarter of the lease to land. A report takes milliseconds: ttl/3
+// (5 s) leaves room for a slow shared host. The floors keep a tiny lease from becoming a
+// busy loop, the ceiling a long one from waiting minutes on a dead request. The pollclient
+// keeps the same schedule (pollclient/lease.py).
+const DEFAULT_LEASE_TTL = 15;
+
+function leaseTimings(ttl = DEFAULT_LEASE_TTL) {
+  const report = Math.min(15, Math.max(0.5, ttl / 3));
+  return { heartbeatMs: Math.max(0.2, ttl / 3) * 1000, reportMs: report * 1000, retryMs: (report / 4) * 1000 };
+}
+
+// The first positive lease_ttl among the sources (the claim answer, then the job), else the fallback.
+function leaseTtl(sources, fallback = DEFAULT_LEASE_TTL) {
+  for (const source of sources) {
+    const value = source && source.lease_ttl;
+    if (typeof value === "number" && Number.isFinite(value) && value > 0) return value;
+  }
+  return fallback;
+}
+
+// How long to wait on a 429 or 503: its Retry-After plus up to a fifth more, so that many
+// tabs spread out, and at most `cap` seconds (an upgrade can end sooner than it guessed).
+const MAX_RETRY_AFTER = 120;
+
+function politeDelay(seconds, cap = MAX_RETRY_AFTER) {
+  const delay = Math.max(seconds, 0.5) * (1 + Math.random() / 5);
+  return delay <= cap ? delay : cap * (0.8 + Math.random() / 5);
+}
+
+const BUSY_REASONS = {
+  upgrade_pending: "The gateway is being upgraded",
+  database_unavailable: "The gateway's database is unavailable",
+  gateway_busy: "The gateway is busy",
+};
+
+function busyReason(error) {
+  return BUSY_REASONS[error.code] || "The gateway is busy";
+}
+
 class Gateway {
   constructor(url, token) {
     this.url = url.replace(/\/+$/, "");
     this.token = token;
   }
 
-  call(path, body, options = {}) {
+  // One call; an answer that is not a JSON object (a host's error page) fails like a network error.
+  call(path, body, timeoutMs, options = {}) {
     return gmRequest({
       method: "POST",
       url: `${this.url}/worker/v1/${path}`,
       headers: { Authorization: `Bearer ${this.token}` },
       body,
+      timeout: timeoutMs,
       ...options,
-    }).then((text) => JSON.parse(text));
-  }
-
-  claim(offer, wait, maxJobs, signal) {
-    return this.call("claim", { ...offer, wait, max_jobs: maxJobs, capacity: offer.capacity }, {
-      timeout: (wait + 30) * 1000, signal,
+    }).then((text) => {
+      let answer = null;
+      try { answer = JSON.parse(text); } catch (e) { /* said below */ }
+      if (!answer || typeof answer !== "object" || Array.isArray(answer)) {
+        throw new Error(`The gateway answered ${path} with something that is not JSON (is the gateway URL right?)`);
+      }
+      return answer;
     });
   }
 
+  // The read waits out the long-poll plus one lease: a later answer would carry jobs whose
+  // leases lapsed on the way.
+  claim(offer, wait, maxJobs, ttl, signal) {
+    return this.call("claim", { ...offer, wait, max_jobs: maxJobs, capacity: offer.capacity },
+      (wait + ttl) * 1000, { signal });
+  }
+
+  report(entries, ttl) {
+    return this.call("chunks", { jobs: entries }, leaseTimings(ttl).reportMs);
+  }
+
   status(status, message) {
-    return this.call("status", { status, message: message.slice(0, 255) });
+    return this.call("status", { status, message: message.slice(0, 255) }, leaseTimings().reportMs);
   }
 
   release(jobs) {
-    return this.call("release", { jobs: jobs.map((job) => ({ id: job.id, lease: job.lease })) });
+    const ttl = Math.min(...jobs.map((job) => leaseTtl([job])));
+    return this.call("release", { jobs: jobs.map((job) => ({ id: job.id, lease: job.lease })) },
+      leaseTimings(ttl).reportMs);
   }
 }
 
 // Sends one job's deltas in order, batched: the first at once, the rest every FLUSH_MS,
-// an empty report as a heartbeat when the job is quiet, and the finish or error last.
+// an empty report as a heartbeat when the job is quiet, and the finish or error last. A
+// report that fails or hangs is sent again soon enough to keep the lease (see above).
 const FLUSH_MS = 100;
 
 class Reporter {
-  constructor(gateway, job, onStop) {
+  constructor(gateway, job, onStop, onTrouble = () => {}) {
     this.gateway = gateway;
     this.job = job;
     this.onStop = onStop;
+    this.onTrouble = onTrouble; // a line for the panel while reports fail, "" once they work again
+    this.timings = leaseTimings(job.lease_ttl);
     this.sent = []; // every chunk, so a seq_gap can be answered by resending
     this.acked = 0;
     this.pending = [];
     this.end = null;
-    this.timer = null;
     this.busy = null;
     this.stopped = false;
-    this.lastReport = Date.now();
-    this.heartbeat = setInterval(() => {
-      if (Date.now() - this.lastReport > (job.lease_ttl * 1000) / 3) this.flush();
-    }, 1000);
+    this.failures = 0;
+    this.retryAt = 0; // after a failed report, not before this
+    this.timer = null;
+    this.timerAt = Infinity;
+    this.schedule(this.timings.heartbeatMs);
+  }
+
+  // Send the next report within `ms` (a sooner one stands), and not before retryAt.
+  schedule(ms) {
+    if (this.stopped) return;
+    const at = Math.max(Date.now() + ms, this.retryAt);
+    if (this.timer !== null && this.timerAt <= at) return;
+    clearTimeout(this.timer);
+    this.timerAt = at;
+    this.timer = setTimeout(() => { this.timer = null; this.flush(); }, at - Date.now());
   }
 
   delta(delta) {
     if (this.stopped) return;
     this.pending.push(delta);
-    if (this.sent.length === 0 && this.acked === 0 && !this.busy) this.flush();
-    else if (!this.timer) this.timer = setTimeout(() => this.flush(), FLUSH_MS);
+    this.schedule(this.sent.length ? FLUSH_MS : 0); // the first piece at once: the client's time to first token
   }
 
   async finish(end) {
     this.end = end;
-    clearInterval(this.heartbeat);
-    while (!this.stopped) {
+    while (!this.stopped && this.end) {
       await this.flush();
-      if (this.stopped || (this.end === null)) break;
-      await sleep(1000); // the last report failed; keep the lease by trying again
+      if (!this.stopped && this.end) await sleep(Math.max(0, this.retryAt - Date.now()));
     }
+    this.stop();
   }
 
-  async flush() {
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  flush() {
     if (this.busy) return this.busy;
     clearTimeout(this.timer);
     this.timer = null;
@@ -255,24 +354,43 @@ class Reporter {
     const end = this.end;
     if (end && end.finish) entry.finish = end.finish;
     if (end && end.error) entry.error = end.error;
+    const sentAt = Date.now();
     try {
-      const answer = (await this.gateway.call("chunks", { jobs: [entry] })).jobs[0];
-      this.lastReport = Date.now();
-      this.acked = Math.min(answer.next_seq, this.sent.length);
+      const reply = await this.gateway.report([entry], this.job.lease_ttl);
+      if (this.stopped) return; // the job ended meanwhile (handed back, or the tab closes)
+      const answer = Array.isArray(reply.jobs) ? reply.jobs[0] : null;
+      if (!answer || typeof answer !== "object") throw new Error("the gateway's answer did not mention the job");
+      if (Number.isInteger(answer.next_seq)) this.acked = Math.min(Math.max(answer.next_seq, 0), this.sent.length);
       if (answer.stop) {
-        this.stopped = true;
-        clearInterval(this.heartbeat);
+        this.stop();
         if (answer.reason !== "finished") this.onStop(answer.reason);
-      } else if (end) {
-        this.end = null; // stored: nothing left to say
+        return;
       }
+      if (!answer.ok && answer.reason !== "seq_gap") throw new Error(`the gateway did not take the report (${answer.reason})`);
+      if (this.failures) this.onTrouble("");
+      this.failures = 0;
+      this.retryAt = 0;
+      if (answer.ok && end) this.end = null; // stored: nothing left to say
+      const more = this.pending.length || this.acked < this.sent.length;
+      this.schedule(more ? FLUSH_MS : sentAt + this.timings.heartbeatMs - Date.now());
     } catch (error) {
+      if (this.stopped) return;
       if (error.status === 400 || error.status === 401 || error.status === 413) {
-        this.stopped = true; // nothing in the call was stored and retrying will not change that
-        clearInterval(this.heartbeat);
+        this.stop(); // nothing in the call was stored and retrying will not change that
         this.onStop(error.message);
+        return;
       }
-      // Network trouble or a busy gateway: the next flush resends the same chunks.
+      // A timeout, network trouble or a busy gateway: resend the same chunks soon. A long
+      // Retry-After is not waited out, or the lease would lapse meanwhile.
+      const cap = this.timings.retryMs / 1000;
+      const busy = error.status === 429 || error.status === 503;
+      const seconds = busy ? politeDelay(error.retryAfter(cap), cap)
+        : Math.min(cap, 0.5 * 2 ** Math.min(this.failures, 10)) * (0.5 + Math.random() / 2);
+      this.failures += 1;
+      this.retryAt = Date.now() + seconds * 1000;
+      const why = busy ? busyReason(error) : `Reports to the gateway fail (${error.message})`;
+      this.onTrouble(`${why}; sending the output again in ${seconds.toFixed(1)} s to keep the job.`);
+      this.schedule(0);
     }
   }
 }
@@ -514,7 +632,7 @@ const local = {
 // badge in the tab title, both showing the worker's state.
 const STATE_LABELS = {
   setup: "not set up", standby: "standby: another tab serves", connected: "connected", busy: "busy",
-  paused: "paused", needs_human: "needs you", error: "error",
+  paused: "paused", needs_human: "needs you", error: "error", waiting: "waiting for the gateway",
 };
 
 function createPanel(worker) {
@@ -582,6 +700,7 @@ class BrowserWorker {
     this.running = new Map();
     this.wake = new AbortController();
     this.failures = 0;
+    this.leaseTtl = DEFAULT_LEASE_TTL; // the latest lease a claim answer named
   }
 
   adapter() {
@@ -666,15 +785,20 @@ class BrowserWorker {
         return;
       }
       this.claiming = true;
-      const answer = await gateway.claim(offer, POLL_WAIT, capacity - this.running.size, signal)
+      const answer = await gateway.claim(offer, POLL_WAIT, capacity - this.running.size, this.leaseTtl, signal)
         .finally(() => { this.claiming = false; });
+      if (!Array.isArray(answer.jobs)) throw new Error("The gateway's claim answer has no job list");
       this.failures = 0;
+      this.leaseTtl = leaseTtl([answer, answer.jobs[0]], this.leaseTtl);
       if (answer.superseded) {
         this.show("error", "Another tab or program is using this worker token; give each its own token.");
         await sleep(10000, signal);
         return;
       }
-      for (const job of answer.jobs) this.runJob(gateway, adapter, job);
+      for (const job of answer.jobs) {
+        job.lease_ttl = leaseTtl([answer, job]); // the answer's own lease speaks for all its jobs
+        this.runJob(gateway, adapter, job);
+      }
       this.show(this.running.size ? "busy" : "connected", `${adapter.id} adapter on ${location.host}`);
     } catch (error) {
       if (signal.aborted) return;
@@ -682,8 +806,9 @@ class BrowserWorker {
         this.show("error", "The gateway refused the worker token: paste a valid one in Settings.");
         await sleep(3600000, signal);
       } else if (error.status === 429 || error.status === 503) {
-        this.show("connected", "The gateway is busy; trying again shortly.");
-        await sleep(error.retryAfter(10) * 1000, signal);
+        const seconds = politeDelay(error.retryAfter(10));
+        this.show("waiting", `${busyReason(error)}; trying again in ${Math.round(seconds)} s, as it asked.`);
+        await sleep(seconds * 1000, signal);
       } else {
         // Equal jitter: never under half the delay, so many tabs spread out.
         const delay = Math.min(30, 2 ** this.failures++);
@@ -705,9 +830,11 @@ class BrowserWorker {
 
   async runJob(gateway, adapter, job) {
     const controller = new AbortController();
-    const reporter = new Reporter(gateway, job, () => controller.abort());
+    const answering = `Answering with ${job.model}.`;
+    const reporter = new Reporter(gateway, job, () => controller.abort(),
+      (trouble) => { if (!this.paused) this.show("busy", trouble ? `${answering} ${trouble}` : answering); });
     this.running.set(job.id, { job, controller });
-    this.show("busy", `Answering with ${job.model}.`);
+    this.show("busy", answering);
     const images = [];
     const out = { delta: (delta) => reporter.delta(delta), images: (urls) => images.push(...urls) };
     try {
@@ -728,7 +855,7 @@ class BrowserWorker {
         if (failure.human) this.pause(failure.message, true);
       }
     } finally {
-      clearInterval(reporter.heartbeat);
+      reporter.stop();
       this.running.delete(job.id);
       if (!this.paused) this.show(this.running.size ? "busy" : "connected");
       // A slot is free: wake a loop that waits for one (a claim in flight comes back by itself).

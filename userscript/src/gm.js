@@ -5,11 +5,16 @@ class HttpError extends Error {
     this.status = status;
     this.body = body;
     this.headers = headers || "";
+    this.code = errorCode(body); // gateway_busy, upgrade_pending, database_unavailable, ...
   }
 
+  // Retry-After in seconds (a number or an HTTP date), or the fallback.
   retryAfter(fallback) {
-    const match = /^retry-after:\s*([\d.]+)/im.exec(this.headers);
-    return match ? Math.min(300, Number(match[1])) : fallback;
+    const match = /^retry-after:\s*(.+?)\s*$/im.exec(this.headers);
+    if (!match) return fallback;
+    const value = match[1];
+    const seconds = /^[\d.]+$/.test(value) ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+    return Number.isFinite(seconds) ? Math.min(300, Math.max(0, seconds)) : fallback;
   }
 }
 
@@ -18,13 +23,26 @@ function httpMessage(status, body) {
     const parsed = JSON.parse(body);
     if (parsed && parsed.error) return `HTTP ${status}: ${errorText(parsed.error)}`;
   } catch (e) { /* not JSON */ }
-  return status ? `HTTP ${status}` : "network error";
+  return status ? `HTTP ${status}` : body || "network error";
+}
+
+function errorCode(body) {
+  try {
+    const code = JSON.parse(body).error.code;
+    return typeof code === "string" ? code : "";
+  } catch (e) {
+    return "";
+  }
 }
 
 // One request; resolves with the response text, rejects with HttpError. onProgress gets
-// the text so far while a streamed answer arrives.
+// the text so far while a streamed answer arrives. `timeout` (ms) bounds the whole request:
+// the manager is told, and a timer of our own holds it to that, as not every manager does.
 function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, onProgress, signal, binary }) {
-  return new Promise((resolve, reject) => {
+  return new Promise((resolveOnce, rejectOnce) => {
+    let timer = null;
+    const resolve = (value) => { clearTimeout(timer); resolveOnce(value); };
+    const reject = (error) => { clearTimeout(timer); rejectOnce(error); };
     const handle = GM_xmlhttpRequest({
       method,
       url,
@@ -41,7 +59,9 @@ function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, o
       ontimeout: () => reject(new HttpError(0, "timed out", "")),
       onabort: () => reject(new DOMException("aborted", "AbortError")),
     });
-    if (signal) signal.addEventListener("abort", () => handle && handle.abort && handle.abort());
+    const abort = () => handle && handle.abort && handle.abort();
+    if (timeout > 0) timer = setTimeout(() => { reject(new HttpError(0, "timed out", "")); abort(); }, timeout);
+    if (signal) signal.addEventListener("abort", abort);
   });
 }
 

@@ -12,6 +12,7 @@ class BrowserWorker {
     this.running = new Map();
     this.wake = new AbortController();
     this.failures = 0;
+    this.leaseTtl = DEFAULT_LEASE_TTL; // the latest lease a claim answer named
   }
 
   adapter() {
@@ -96,15 +97,20 @@ class BrowserWorker {
         return;
       }
       this.claiming = true;
-      const answer = await gateway.claim(offer, POLL_WAIT, capacity - this.running.size, signal)
+      const answer = await gateway.claim(offer, POLL_WAIT, capacity - this.running.size, this.leaseTtl, signal)
         .finally(() => { this.claiming = false; });
+      if (!Array.isArray(answer.jobs)) throw new Error("The gateway's claim answer has no job list");
       this.failures = 0;
+      this.leaseTtl = leaseTtl([answer, answer.jobs[0]], this.leaseTtl);
       if (answer.superseded) {
         this.show("error", "Another tab or program is using this worker token; give each its own token.");
         await sleep(10000, signal);
         return;
       }
-      for (const job of answer.jobs) this.runJob(gateway, adapter, job);
+      for (const job of answer.jobs) {
+        job.lease_ttl = leaseTtl([answer, job]); // the answer's own lease speaks for all its jobs
+        this.runJob(gateway, adapter, job);
+      }
       this.show(this.running.size ? "busy" : "connected", `${adapter.id} adapter on ${location.host}`);
     } catch (error) {
       if (signal.aborted) return;
@@ -112,8 +118,9 @@ class BrowserWorker {
         this.show("error", "The gateway refused the worker token: paste a valid one in Settings.");
         await sleep(3600000, signal);
       } else if (error.status === 429 || error.status === 503) {
-        this.show("connected", "The gateway is busy; trying again shortly.");
-        await sleep(error.retryAfter(10) * 1000, signal);
+        const seconds = politeDelay(error.retryAfter(10));
+        this.show("waiting", `${busyReason(error)}; trying again in ${Math.round(seconds)} s, as it asked.`);
+        await sleep(seconds * 1000, signal);
       } else {
         // Equal jitter: never under half the delay, so many tabs spread out.
         const delay = Math.min(30, 2 ** this.failures++);
@@ -135,9 +142,11 @@ class BrowserWorker {
 
   async runJob(gateway, adapter, job) {
     const controller = new AbortController();
-    const reporter = new Reporter(gateway, job, () => controller.abort());
+    const answering = `Answering with ${job.model}.`;
+    const reporter = new Reporter(gateway, job, () => controller.abort(),
+      (trouble) => { if (!this.paused) this.show("busy", trouble ? `${answering} ${trouble}` : answering); });
     this.running.set(job.id, { job, controller });
-    this.show("busy", `Answering with ${job.model}.`);
+    this.show("busy", answering);
     const images = [];
     const out = { delta: (delta) => reporter.delta(delta), images: (urls) => images.push(...urls) };
     try {
@@ -158,7 +167,7 @@ class BrowserWorker {
         if (failure.human) this.pause(failure.message, true);
       }
     } finally {
-      clearInterval(reporter.heartbeat);
+      reporter.stop();
       this.running.delete(job.id);
       if (!this.paused) this.show(this.running.size ? "busy" : "connected");
       // A slot is free: wake a loop that waits for one (a claim in flight comes back by itself).

@@ -2,7 +2,7 @@
 // badge in the tab title, both showing the worker's state.
 const STATE_LABELS = {
   setup: "not set up", standby: "standby: another tab serves", connected: "connected", busy: "busy",
-  paused: "paused", needs_human: "needs you", error: "error",
+  paused: "paused", needs_human: "needs you", error: "error", waiting: "waiting for the gateway",
 };
 
 function createPanel(worker) {
