@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from support import ROOT, missing
 from mariadb import find, free_port
 
 APACHE = find("apache2", "httpd")
+PASSENGER_STATUS = find("passenger-status")
 MODULES = "/usr/lib/apache2/modules"
 PASSENGER_ROOT = "/usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini"
 # Passenger runs the app as the owner of passenger_wsgi.py and cannot execute a Python
@@ -217,6 +219,26 @@ class PassengerSite:
         path = os.path.join(self.app_root, "tmp", "restart.txt")
         with open(path, "a"):
             os.utime(path)
+
+    def app_pids(self) -> list[int]:
+        """Return the pids of the app's processes: the Pythons Passenger spawned with its WSGI loader."""
+        return [pid for pid in _descendants(self.proc.pid) if "wsgi-loader.py" in _read(f"/proc/{pid}/cmdline")]
+
+    def serving(self, path: str) -> list[int]:
+        """Return the pids of the app processes serving a request for path (e.g. /v1/models) now.
+
+        Read from Passenger's own view of its requests: `passenger-status --show=requests`.
+        """
+        assert PASSENGER_STATUS, "passenger-status is missing (apt-get install passenger)"
+        registry = os.path.join(self.dir, "passenger")
+        done = subprocess.run([PASSENGER_STATUS, "--show=requests"], capture_output=True, text=True, timeout=60,
+                              env={**_bare_env(), "PASSENGER_INSTANCE_REGISTRY_DIR": registry})
+        assert done.returncode == 0 and "{" in done.stdout, f"passenger-status failed: {done.stdout}{done.stderr}"
+        report = json.loads(done.stdout[done.stdout.index("{"):])  # after a few lines of preamble
+        requests_now = [client.get("current_request") or {} for thread in report.values() if isinstance(thread, dict)
+                        for client in (thread.get("active_clients") or {}).values()]
+        return sorted(r["session"]["pid"] for r in requests_now
+                      if r.get("path") == BASE_URI + path and (r.get("session") or {}).get("pid"))
 
     def error_log(self) -> str:
         """Return Apache's error log so far."""
