@@ -30,7 +30,8 @@ from .retry import describe_error
 Event = dict[str, Any]
 Events = Generator[Event, None, None]
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
-DELTA_FIELDS = ("content", "reasoning_content", "refusal", "tool_calls")
+TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+MAX_TOOL_INDEX = 127  # the gateway refuses a tool call's index above this
 _CONTEXT_WORDS = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.I)
 
 
@@ -261,6 +262,7 @@ def _sse_lines(response: requests.Response) -> Iterator[str]:
 def _relay_stream(response: requests.Response, stop: StopSignal) -> Events:
     streamed, done = False, False
     finish_reason, usage = None, None
+    call_ids: dict[str, int] = {}  # the index given to each tool-call id the upstream left unindexed
     try:
         for line in _sse_lines(response):
             if stop.is_set():
@@ -284,7 +286,7 @@ def _relay_stream(response: requests.Response, stop: StopSignal) -> Events:
             for choice in chunk.get("choices") or []:
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue  # one answer per job
-                delta = _clean_delta(choice.get("delta"))
+                delta = _clean_delta(choice.get("delta"), call_ids)
                 if delta:
                     streamed = True
                     yield {"delta": delta}
@@ -308,10 +310,7 @@ def _relay_whole(response: requests.Response) -> Events:
         message = dict(choice.get("message") or {})
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise BackendError("upstream_error", "the upstream answered JSON that is not a chat completion") from None
-    if isinstance(message.get("tool_calls"), list):
-        # Streamed tool calls carry their position in the list.
-        message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-    delta = _clean_delta(message)
+    delta = _clean_delta(message, {})
     if delta:
         yield {"delta": delta}
     yield _finish(choice.get("finish_reason"), _usage(body.get("usage")))
@@ -324,18 +323,50 @@ def _error_text(error: Any) -> tuple[str, str]:
     return str(error)[:500], ""
 
 
-def _clean_delta(delta: Any) -> dict[str, Any]:
+def _clean_delta(delta: Any, call_ids: dict[str, int]) -> dict[str, Any]:
     """Keep the delta fields the protocol relays, dropping empty ones and the role."""
     if not isinstance(delta, dict):
         return {}
     if "reasoning_content" not in delta and isinstance(delta.get("reasoning"), str):
         delta = {**delta, "reasoning_content": delta["reasoning"]}  # Ollama and OpenRouter spell it so
     clean: dict[str, Any] = {}
-    for name in DELTA_FIELDS:
-        value = delta.get(name)
-        if value and isinstance(value, list if name == "tool_calls" else str):
-            clean[name] = value
+    for name in TEXT_FIELDS:
+        if delta.get(name) and isinstance(delta[name], str):
+            clean[name] = delta[name]
+    if isinstance(delta.get("tool_calls"), list):
+        calls = clean_tool_calls(delta["tool_calls"], call_ids)
+        if calls:
+            clean["tool_calls"] = calls
     return clean
+
+
+def clean_tool_calls(items: list[Any], call_ids: dict[str, int]) -> list[dict[str, Any]]:
+    """Rebuild an upstream's tool-call pieces in the protocol's strict shape, without unknown keys or nulls."""
+    calls = []
+    for position, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        call_id = item.get("id") if isinstance(item.get("id"), str) else ""
+        index = item.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_TOOL_INDEX:
+            # Gemini's compatibility API leaves the index out, and streams parallel calls in
+            # separate chunks: number calls by id; a piece without one continues the latest.
+            index = call_ids.setdefault(call_id, len(call_ids)) if call_id else max(len(call_ids) - 1, position)
+        call: dict[str, Any] = {"index": index, "id": call_id, "type": "function"} if call_id else {"index": index}
+        source = item["function"] if isinstance(item.get("function"), dict) else {}
+        function = {"name": source["name"]} if isinstance(source.get("name"), str) and source["name"] else {}
+        arguments = source.get("arguments")
+        if arguments is not None:  # some servers send a JSON value; OpenAI streams its text
+            function["arguments"] = arguments if isinstance(arguments, str) else _json_text(arguments)
+        if function:
+            call["function"] = function
+        if len(call) > 1:  # a piece with nothing but its index tells the client nothing
+            calls.append(call)
+    return calls
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _usage(usage: Any) -> dict[str, int] | None:

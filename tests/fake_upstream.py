@@ -5,6 +5,8 @@ The model name picks the behaviour:
     fake-chat         streams ANSWER in small pieces, with usage when asked
     fake-reasoning    streams reasoning_content, then content
     fake-tools        streams one tool call in pieces, finish_reason tool_calls
+    fake-tools-loose  streams two tool calls as LOOSE_TOOL_CALLS: no index (or a null one),
+                      an object as arguments, vendor keys, a piece that is not an object
     fake-slow         streams SLOW_PIECES pieces, SLOW_DELAY seconds apart (stop tests)
     fake-hang         sends its first chunk, then stays silent HANG seconds (a long prefill)
     fake-drop         streams two pieces, then drops the connection
@@ -31,6 +33,14 @@ from typing import Any
 ANSWER = "Hello, world! This is the fake upstream."
 REASONING = "The user greets me. I greet back."
 TOOL_ARGUMENTS = ['{"city": ', '"Paris"', "}"]
+# Each chunk's tool_calls as Gemini's compatibility API and some servers stream them: calls
+# told apart by id only, each in its own chunk, arguments once an object and once in pieces.
+LOOSE_TOOL_CALLS = [
+    [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+      "extra_content": {"google": {"thought_signature": "c2ln"}}}],
+    [{"index": None, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": '}}],
+    [{"index": None, "id": None, "type": None, "function": {"name": None, "arguments": '"CET"}'}}, "not a call"],
+]
 SLOW_PIECES = 100
 SLOW_DELAY = 0.1
 HANG = 5.0
@@ -47,7 +57,7 @@ HTTP_ERRORS = {
 }
 MODELS = [
     "fake-chat", "fake-reasoning", "fake-tools", "fake-slow", "fake-hang", "fake-drop", "fake-error-event",
-    *HTTP_ERRORS, "fake-old", "fake-json", "fake-close",
+    *HTTP_ERRORS, "fake-old", "fake-json", "fake-close", "fake-tools-loose",
 ]
 
 
@@ -227,6 +237,9 @@ def _events(model: str, include_usage: bool) -> list[str | None]:
         call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
         events.append(_chunk(model, {"tool_calls": [call]}))
         events += [_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in TOOL_ARGUMENTS]
+    elif model == "fake-tools-loose":
+        finish = "tool_calls"
+        events += [_chunk(model, {"tool_calls": calls}) for calls in LOOSE_TOOL_CALLS]
     elif model == "fake-slow":
         events += [_chunk(model, {"content": f"w{i} "}) for i in range(SLOW_PIECES)]
     else:

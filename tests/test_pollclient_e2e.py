@@ -111,6 +111,20 @@ def test_openai_backend_relays_an_upstream_stream(app, account, live):
     assert job_rows(app)[0].usage_source == "worker"
 
 
+def test_openai_backend_relays_tool_calls_an_upstream_left_loose(app, account, live):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-tools-loose"):
+            wait_for_models(client, "fake-tools-loose")
+            reply = client.chat.completions.create(model="fake-tools-loose", messages=PROMPT)
+    calls = [(c.id, c.type, c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
+    assert calls == [("call_a", "function", "get_weather", '{"city":"Paris"}'),
+                     ("call_b", "function", "get_time", '{"zone": "CET"}')]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert [r.state for r in job_rows(app)] == ["completed"]
+
+
 @pytest.mark.parametrize("model, status", [("fake-429", 429), ("fake-context", 400), ("fake-400", 400)])
 def test_upstream_errors_reach_the_client_as_openai_errors(app, account, live, model, status):
     client = api(live, account.key)

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 
 from pollclient import lease
 from pollclient.backends import (
     BackendConfig,
     BackendError,
     StopSignal,
+    clean_tool_calls,
     list_upstream_models,
     run_echo,
     run_openai,
@@ -32,9 +34,14 @@ from pollclient.backends import (
 from pollclient.retry import Backoff, polite_delay
 from tests.fake_upstream import ANSWER, REASONING, TOOL_ARGUMENTS, FakeUpstream, start_fake_upstream
 from webapp import config as gateway_config
+from webapp.errors import ApiError
+from webapp.worker_input import parse_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "pgw_test_secret_token_123"
+# The gateway's own report validation needs an app for its settings, nothing more.
+STRICT = Flask("strict-reports")
+STRICT.config["MAX_CHUNKS_PER_REPORT"] = 1_000_000  # FakeGateway.max_chunks decides the 413s
 
 
 @pytest.fixture
@@ -159,6 +166,94 @@ def test_openai_streams_tool_calls(config: BackendConfig) -> None:
     assert "".join(c["function"]["arguments"] for c in calls) == "".join(TOOL_ARGUMENTS)
     assert all(c["index"] == 0 for c in calls)
     assert events[-1]["finish"]["reason"] == "tool_calls"
+
+
+# What the gateway's client gets once the fake-tools-loose pieces are joined by index.
+LOOSE_CALLS_MERGED = {
+    0: {"id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+    1: {"id": "call_b", "name": "get_time", "arguments": '{"zone": "CET"}'},
+}
+
+
+def merge_tool_calls(deltas: list[dict[str, Any]]) -> dict[int, dict[str, str]]:
+    """Join streamed tool-call pieces by index, as an OpenAI client does."""
+    calls: dict[int, dict[str, str]] = {}
+    for delta in deltas:
+        for piece in delta.get("tool_calls", []):
+            call = calls.setdefault(piece["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] += piece.get("id", "")
+            call["name"] += piece.get("function", {}).get("name", "")
+            call["arguments"] += piece.get("function", {}).get("arguments", "")
+    return calls
+
+
+def validate_report(body: dict[str, Any]) -> None:
+    """Check a chunk report with the real gateway's rules: ApiError (a 400) where it would refuse it."""
+    with STRICT.app_context():
+        parse_reports(body)
+
+
+def gateway_accepts(deltas: list[dict[str, Any]]) -> None:
+    """Check that the gateway would take these deltas as one job's chunks."""
+    validate_report({"jobs": [{"id": "job-1", "lease": "lease-1",
+                               "chunks": [{"seq": i, "delta": d} for i, d in enumerate(deltas)]}]})
+
+
+def test_openai_rebuilds_tool_calls_the_upstream_left_loose(config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-tools-loose"), config, StopSignal()))
+    deltas = [e["delta"] for e in events if "delta" in e]
+    assert [d["tool_calls"] for d in deltas] == [
+        [{"index": 0, "id": "call_a", "type": "function",
+          "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}],
+        [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": '}}],
+        [{"index": 1, "function": {"arguments": '"CET"}'}}],
+    ]
+    assert merge_tool_calls(deltas) == LOOSE_CALLS_MERGED
+    gateway_accepts(deltas)
+    assert events[-1]["finish"]["reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "items, expected",
+    [
+        # An upstream's own index is kept, 0 included, wherever the piece sits in the list.
+        ([{"index": 1, "id": "b"}, {"index": 0, "function": {"arguments": "{}"}}],
+         [{"index": 1, "id": "b", "type": "function"}, {"index": 0, "function": {"arguments": "{}"}}]),
+        # No index, no id: the place in the list.
+        ([{"function": {"name": "f"}}, {"function": {"name": "g"}}],
+         [{"index": 0, "function": {"name": "f"}}, {"index": 1, "function": {"name": "g"}}]),
+        # An index that is no index (a bool, out of range, text) counts as absent.
+        ([{"index": True, "id": "x"}, {"index": 128, "id": "y"}, {"index": "2", "id": "x"}],
+         [{"index": 0, "id": "x", "type": "function"}, {"index": 1, "id": "y", "type": "function"},
+          {"index": 0, "id": "x", "type": "function"}]),
+        # Arguments sent as a JSON value become its text; a text of any shape is kept as sent.
+        ([{"index": 0, "function": {"arguments": ["a", 1, None]}}, {"index": 1, "function": {"arguments": 3}},
+          {"index": 2, "function": {"arguments": {"q": "é"}}}, {"index": 3, "function": {"arguments": ""}}],
+         [{"index": 0, "function": {"arguments": '["a",1,null]'}}, {"index": 1, "function": {"arguments": "3"}},
+          {"index": 2, "function": {"arguments": '{"q":"é"}'}}, {"index": 3, "function": {"arguments": ""}}]),
+        # Nulls, empty names, unknown keys, a function that is no object, pieces that say nothing.
+        ([{"index": 0, "id": None, "type": None, "function": None, "logprobs": []},
+          {"index": 0, "id": "", "type": "", "function": {"name": "", "arguments": None, "strict": True}},
+          {"index": 0, "function": "f(x)"}, None, 7, "call", ["index", 0]],
+         []),
+    ],
+)
+def test_clean_tool_calls_table(items: list[Any], expected: list[dict[str, Any]]) -> None:
+    calls = clean_tool_calls(items, {})
+    assert calls == expected
+    if calls:
+        gateway_accepts([{"tool_calls": calls}])
+
+
+def test_clean_tool_calls_numbers_unindexed_calls_by_id_across_chunks() -> None:
+    call_ids: dict[str, int] = {}
+    chunks = [
+        [{"id": "a", "function": {"name": "f", "arguments": "{"}}],
+        [{"function": {"arguments": "}"}}],  # continues a
+        [{"id": "b", "function": {"name": "g", "arguments": "{}"}}, {"id": "c", "function": {"name": "h"}}],
+        [{"id": "a"}],  # a again keeps its index
+    ]
+    assert [[c["index"] for c in clean_tool_calls(items, call_ids)] for items in chunks] == [[0], [0], [1, 2], [0]]
 
 
 def test_openai_retries_without_stream_options_when_refused(upstream: FakeUpstream, config: BackendConfig) -> None:
@@ -344,7 +439,8 @@ def test_cli_runs_as_a_module_too() -> None:
 
 
 class FakeGateway:
-    """Just enough of /worker/v1 to drive the worker: stores chunks by seq like the real one."""
+    """Just enough of /worker/v1 to drive the worker: validates reports with the real gateway's
+    rules and stores chunks by seq like the real one."""
 
     def __init__(self, port: int = 0, lease_ttl: float = 30.0) -> None:
         self.lease_ttl = lease_ttl
@@ -370,6 +466,7 @@ class FakeGateway:
         self.hang_reports: set[int] = set()  # the n-th chunk reports (from 0) that never get an answer
         self.hung: list[tuple[float, float]] = []  # (received, abandoned by the worker) of each one
         self.report_count = 0
+        self.refused: list[dict[str, Any]] = []  # the 400 answers to reports the real gateway would refuse
         self.enforce_leases = False  # a report past its lease gets lease_lost, like the real gateway
         self.renewed: dict[str, float] = {}  # when each lease was last renewed
         handler = type("Handler", (_GatewayHandler,), {"gateway": self})
@@ -479,6 +576,11 @@ class FakeGateway:
             return 500, {"error": {"message": "database is locked"}}
         if sum(len(entry["chunks"]) for entry in body["jobs"]) > self.max_chunks:
             return 413, {"error": {"message": "Too many chunks in one report; send smaller batches."}}
+        try:
+            validate_report(body)
+        except ApiError as exc:
+            self.refused.append(exc.body())
+            return exc.status, exc.body()
         return 200, {"jobs": [self._apply(entry) for entry in body["jobs"]]}
 
     def _apply(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -581,6 +683,25 @@ def test_worker_serves_an_openai_job_with_discovered_models(gateway: FakeGateway
     reasoning = "".join(c.get("reasoning_content", "") for c in gateway.stored["job-1"])
     assert reasoning == REASONING
     assert gateway.ended["job-1"] == {"reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 14}}
+
+
+def test_worker_reports_loose_upstream_tool_calls_as_the_gateway_wants(gateway: FakeGateway,
+                                                                         upstream: FakeUpstream) -> None:
+    gateway.add_job("job-1", "weather and time?", model="fake-tools-loose")
+    code, log = finish(start_worker(gateway.url, "--once", "--backend", "openai", "--upstream-url", upstream.url,
+                                    "--models", "fake-tools-loose"))
+    assert code == 0, log
+    assert gateway.refused == []
+    assert merge_tool_calls(gateway.stored["job-1"]) == LOOSE_CALLS_MERGED
+    assert gateway.ended["job-1"]["reason"] == "tool_calls"
+
+
+def test_the_fake_gateway_refuses_what_the_real_one_refuses(gateway: FakeGateway) -> None:
+    report = {"jobs": [{"id": "job-1", "lease": "lease-job-1",
+                        "chunks": [{"seq": 0, "delta": {"tool_calls": [{"id": "call_a"}]}}]}]}
+    status, answer = gateway.handle("/worker/v1/chunks", report)
+    assert status == 400 and answer["error"]["param"] == "jobs[0].chunks[0].delta.tool_calls[0].index"
+    assert gateway.refused == [answer]
 
 
 def test_worker_resends_after_a_failed_report_and_a_seq_gap(gateway: FakeGateway) -> None:

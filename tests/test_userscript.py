@@ -244,9 +244,29 @@ def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, 
         upstream.stop()
 
 
+def test_the_local_endpoint_adapter_rebuilds_loose_tool_calls(app, chromium_open, account, live):
+    upstream = start_fake_upstream()
+    try:
+        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
+                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        context.new_page().goto(live.url + "/browser-worker")
+        api = client(live, account)
+        wait_models(api, "fake-tools-loose")
+        reply = api.chat.completions.create(model="fake-tools-loose", messages=PROMPT)
+        context.close()
+    finally:
+        upstream.stop()
+    calls = [(c.id, c.type, c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
+    assert calls == [("call_a", "function", "get_weather", '{"city":"Paris"}'),
+                     ("call_b", "function", "get_time", '{"zone": "CET"}')]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    with app.app_context(), db.read() as s:
+        assert [j.state for j in s.scalars(select(Job))] == ["completed"]
+
+
 def test_line_parser_and_message_mapping(chromium_open):
     page = chromium_open.new_page()
-    for name in ("lines.js", "errors.js"):
+    for name in ("lines.js", "errors.js", "adapters/lmarena.js"):
         page.add_script_tag(path=os.path.join(ROOT, "userscript", "src", name))
     parsed = page.evaluate("""() => [
         'a0:"hi"', 'ag:"think"', 'a2:[{"type":"image","image":"https://x/y.png"}]', 'a3:"bad"',

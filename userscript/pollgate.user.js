@@ -19,45 +19,7 @@
 "use strict";
 const PRESET = {"gateway": "", "token": ""};
 
-// LMArena's answer stream, one event per line (as of 2026-11; the site's API is private and
-// changes: unknown lines are ignored, not errors). Side A only: this worker asks one model.
-//   a0:"text"  ag:"reasoning"  ac:{citation}  a2:[{"type":"image","image":URL}]
-//   a3:"error text"  ad:{"finishReason":"stop"}  {"error": ...} (a bare JSON error)
-function parseLine(line) {
-  const text = line.trim();
-  if (!text) return null;
-  if (text.startsWith("{")) {
-    try {
-      const body = JSON.parse(text);
-      if (body && body.error) return { type: "error", value: errorText(body.error) };
-    } catch (e) { /* not JSON after all */ }
-    return null;
-  }
-  const colon = text.indexOf(":");
-  if (colon < 1) return null;
-  const tag = text.slice(0, colon);
-  let value;
-  try {
-    value = JSON.parse(text.slice(colon + 1));
-  } catch (e) {
-    return null;
-  }
-  switch (tag) {
-    case "a0": return typeof value === "string" ? { type: "text", value } : null;
-    case "ag": return typeof value === "string" ? { type: "reasoning", value } : null;
-    case "ac": return { type: "citation", value };
-    case "a2": {
-      const urls = (Array.isArray(value) ? value : [])
-        .filter((item) => item && item.type === "image" && typeof item.image === "string")
-        .map((item) => item.image);
-      return urls.length ? { type: "images", value: urls } : null;
-    }
-    case "a3": return { type: "error", value: errorText(value) };
-    case "ad": return { type: "finish", value: (value && value.finishReason) || "stop" };
-    default: return null;
-  }
-}
-
+// Generic helpers for text the workers read: an error's words, and a stream cut into lines.
 function errorText(error) {
   if (typeof error === "string") return error;
   if (error && typeof error.message === "string") return error.message;
@@ -169,25 +131,6 @@ class WorkerError extends Error {
 // at once why, and the person at the tab sees the same words.
 function needsHuman(message) {
   return new WorkerError("needs_human", message, { human: true });
-}
-
-// Flatten OpenAI messages to one prompt: these sites take a single user turn.
-function flattenMessages(messages) {
-  const parts = [];
-  const images = [];
-  messages.forEach((message, i) => {
-    const last = i === messages.length - 1;
-    let text = "";
-    if (typeof message.content === "string") text = message.content;
-    else if (Array.isArray(message.content)) {
-      for (const part of message.content) {
-        if (part.type === "text") text += part.text;
-        else if (part.type === "image_url" && last) images.push(part.image_url.url);
-      }
-    }
-    parts.push(last && message.role === "user" ? text : `[${message.role}]\n${text}`);
-  });
-  return { text: parts.join("\n\n"), images };
 }
 
 // The worker protocol (docs/worker-protocol.md): claim, report chunks, release, status.
@@ -506,6 +449,64 @@ const lmarena = {
   },
 };
 
+// Flatten OpenAI messages to one prompt: the site takes a single user turn.
+function flattenMessages(messages) {
+  const parts = [];
+  const images = [];
+  messages.forEach((message, i) => {
+    const last = i === messages.length - 1;
+    let text = "";
+    if (typeof message.content === "string") text = message.content;
+    else if (Array.isArray(message.content)) {
+      for (const part of message.content) {
+        if (part.type === "text") text += part.text;
+        else if (part.type === "image_url" && last) images.push(part.image_url.url);
+      }
+    }
+    parts.push(last && message.role === "user" ? text : `[${message.role}]\n${text}`);
+  });
+  return { text: parts.join("\n\n"), images };
+}
+
+// LMArena's answer stream, one event per line (as of 2026-11; the site's API is private and
+// changes: unknown lines are ignored, not errors). Side A only: this worker asks one model.
+//   a0:"text"  ag:"reasoning"  ac:{citation}  a2:[{"type":"image","image":URL}]
+//   a3:"error text"  ad:{"finishReason":"stop"}  {"error": ...} (a bare JSON error)
+function parseLine(line) {
+  const text = line.trim();
+  if (!text) return null;
+  if (text.startsWith("{")) {
+    try {
+      const body = JSON.parse(text);
+      if (body && body.error) return { type: "error", value: errorText(body.error) };
+    } catch (e) { /* not JSON after all */ }
+    return null;
+  }
+  const colon = text.indexOf(":");
+  if (colon < 1) return null;
+  const tag = text.slice(0, colon);
+  let value;
+  try {
+    value = JSON.parse(text.slice(colon + 1));
+  } catch (e) {
+    return null;
+  }
+  switch (tag) {
+    case "a0": return typeof value === "string" ? { type: "text", value } : null;
+    case "ag": return typeof value === "string" ? { type: "reasoning", value } : null;
+    case "ac": return { type: "citation", value };
+    case "a2": {
+      const urls = (Array.isArray(value) ? value : [])
+        .filter((item) => item && item.type === "image" && typeof item.image === "string")
+        .map((item) => item.image);
+      return urls.length ? { type: "images", value: urls } : null;
+    }
+    case "a3": return { type: "error", value: errorText(value) };
+    case "ad": return { type: "finish", value: (value && value.finishReason) || "stop" };
+    default: return null;
+  }
+}
+
 // What a refused request means: a challenge or a lapsed sign-in needs the person at the tab.
 async function refusal(response) {
   const text = await response.text();
@@ -594,6 +595,7 @@ const local = {
   async run(job, out, signal) {
     const body = { ...job.request, stream: true, stream_options: { include_usage: true } };
     let seen = 0, reason = "stop", usage = null, failure = null;
+    const callIds = new Map(); // the index given to each tool-call id the server left unindexed
     const lines = lineSplitter((line) => {
       if (!line.startsWith("data:")) return;
       const data = line.slice(5).trim();
@@ -601,14 +603,19 @@ const local = {
       let event;
       try { event = JSON.parse(data); } catch (e) { return; }
       if (event.error) { failure = new WorkerError("upstream_error", `local server: ${errorText(event.error)}`); return; }
-      if (event.usage) usage = { prompt_tokens: event.usage.prompt_tokens, completion_tokens: event.usage.completion_tokens };
+      const counts = event.usage ? [event.usage.prompt_tokens, event.usage.completion_tokens] : [];
+      if (counts.length && counts.every((n) => Number.isInteger(n) && n >= 0)) { // else the gateway counts
+        usage = { prompt_tokens: counts[0], completion_tokens: counts[1] };
+      }
       for (const choice of event.choices || []) {
         const delta = {};
-        for (const name of ["content", "reasoning_content", "refusal", "tool_calls"]) {
-          if (choice.delta && choice.delta[name]) delta[name] = choice.delta[name];
+        for (const name of ["content", "reasoning_content", "refusal"]) {
+          if (choice.delta && typeof choice.delta[name] === "string" && choice.delta[name]) delta[name] = choice.delta[name];
         }
+        const calls = cleanToolCalls(choice.delta && choice.delta.tool_calls, callIds);
+        if (calls.length) delta.tool_calls = calls;
         if (Object.keys(delta).length) out.delta(delta);
-        if (choice.finish_reason) reason = choice.finish_reason;
+        if (choice.finish_reason) reason = choice.finish_reason === "function_call" ? "tool_calls" : choice.finish_reason;
       }
     });
     try {
@@ -624,9 +631,36 @@ const local = {
                             { retry: !error.status });
     }
     if (failure) throw failure;
-    return { reason, usage };
+    // The gateway knows OpenAI's reasons only; a server's own (TGI's "eos_token") is a stop.
+    return { reason: ["stop", "length", "tool_calls", "content_filter"].includes(reason) ? reason : "stop", usage };
   },
 };
+
+// Rebuild a server's tool-call pieces in the protocol's strict shape (docs/worker-protocol.md),
+// without unknown keys or nulls, as pollclient/backends.py `clean_tool_calls` does.
+function cleanToolCalls(items, callIds) {
+  const calls = [];
+  (Array.isArray(items) ? items : []).forEach((item, position) => {
+    if (!item || typeof item !== "object" || Array.isArray(item)) return;
+    const id = typeof item.id === "string" ? item.id : "";
+    let index = item.index;
+    if (!Number.isInteger(index) || index < 0 || index > 127) {
+      // Gemini's compatibility API leaves the index out, and streams parallel calls in
+      // separate chunks: number calls by id; a piece without one continues the latest.
+      if (id && !callIds.has(id)) callIds.set(id, callIds.size);
+      index = id ? callIds.get(id) : Math.max(callIds.size - 1, position);
+    }
+    const call = id ? { index, id, type: "function" } : { index };
+    const source = item.function && typeof item.function === "object" ? item.function : {};
+    const fn = typeof source.name === "string" && source.name ? { name: source.name } : {};
+    if (source.arguments != null) { // some servers send a JSON value; OpenAI streams its text
+      fn.arguments = typeof source.arguments === "string" ? source.arguments : JSON.stringify(source.arguments);
+    }
+    if (Object.keys(fn).length) call.function = fn;
+    if (Object.keys(call).length > 1) calls.push(call); // a bare index tells the client nothing
+  });
+  return calls;
+}
 
 // A small panel on the page (in a shadow root, so the site's styles leave it alone) and a
 // badge in the tab title, both showing the worker's state.

@@ -13,22 +13,3 @@ class WorkerError extends Error {
 function needsHuman(message) {
   return new WorkerError("needs_human", message, { human: true });
 }
-
-// Flatten OpenAI messages to one prompt: these sites take a single user turn.
-function flattenMessages(messages) {
-  const parts = [];
-  const images = [];
-  messages.forEach((message, i) => {
-    const last = i === messages.length - 1;
-    let text = "";
-    if (typeof message.content === "string") text = message.content;
-    else if (Array.isArray(message.content)) {
-      for (const part of message.content) {
-        if (part.type === "text") text += part.text;
-        else if (part.type === "image_url" && last) images.push(part.image_url.url);
-      }
-    }
-    parts.push(last && message.role === "user" ? text : `[${message.role}]\n${text}`);
-  });
-  return { text: parts.join("\n\n"), images };
-}
