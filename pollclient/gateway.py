@@ -18,9 +18,10 @@ CLAIM_CONNECT_TIMEOUT = 10.0
 class GatewayError(Exception):
     """The gateway refused the call."""
 
-    def __init__(self, message: str | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str | None = None, status: int | None = None, detail: str = "") -> None:
         super().__init__(message or self.__doc__)
         self.status = status
+        self.detail = detail or str(self)  # the gateway's own words, e.g. a 400's naming the field
 
 
 class TokenRejected(GatewayError):
@@ -114,7 +115,8 @@ class Gateway:
             if status >= 500:
                 raise GatewayUnavailable(f"HTTP {status}: {_error_message(response)}".rstrip(": "), status)
             if status >= 400:
-                raise GatewayError(f"HTTP {status} from {path}: {_error_message(response)}".rstrip(": "), status)
+                message = _error_message(response)
+                raise GatewayError(f"HTTP {status} from {path}: {message}".rstrip(": "), status, message)
             # A proxy's or host's error page can come with a 200: retry it like a 5xx.
             try:
                 answer = response.json()

@@ -261,17 +261,32 @@ class Reporter:
             self.max_bytes = max(1024, self.max_bytes // 2)
             log.warning("the gateway found a report too large; sending at most %d chunks at a time", self.max_chunks)
             return
-        # Sending the same body again would fail the same way: give these jobs up.
-        log.error("the gateway refused a report: %s; dropping %d job(s)", exc, len(entries))
-        done = []
+        # Sending the same body again would fail the same way: give these jobs up, and after a
+        # 400 tell their clients why at once rather than when the leases lapse.
+        log.error("the gateway refused a report, so %d job(s) fail: %s", len(entries), exc)
         with self.cond:
-            for entry in entries:
-                job = self.jobs.get(entry["id"])
-                if job is not None:
-                    done.append((self._drop(job), "rejected"))
+            jobs = [self._drop(job) for job in (self.jobs.get(entry["id"]) for entry in entries) if job is not None]
             self.cond.notify_all()
-        for job, reason in done:
-            self.on_done(job, reason)
+        reasons = self._fail_refused(jobs, exc) if exc.status == 400 and jobs else {}
+        for job in jobs:
+            self.on_done(job, reasons.get(job.id, "rejected"))
+
+    def _fail_refused(self, jobs: list[Job], exc: GatewayError) -> dict[str, str]:
+        """Fail jobs whose report got a 400 with one error-only report each; return the gateway's reason per job."""
+        # Sent once, outside the flush loop: if this report fails too, the leases lapse as before.
+        message = f"The worker's output was refused by the gateway: {exc.detail}"
+        error = {"code": "invalid_output", "message": message[:2000], "retry": False}
+        for job in jobs:
+            job.end = {"error": error}
+        try:
+            results = self.gateway.report(
+                [{"id": job.id, "lease": job.lease, "error": error} for job in jobs], min(j.lease_ttl for j in jobs)
+            )
+        except GatewayError as failure:
+            log.error("could not fail the refused job(s) at the gateway either: %s", failure)
+            return {}
+        answered = [r for r in results if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        return {r["id"]: str(r.get("reason") or "rejected") for r in answered}
 
     def _drop(self, job: Job) -> Job:
         """Forget a job and stop its backend (the caller holds the lock)."""

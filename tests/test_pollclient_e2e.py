@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 from conftest import ROOT, read_until_error
 from fake_upstream import ANSWER, REASONING, start_fake_upstream
 from mariadb import free_port
+from webapp import config as gateway_config
 from webapp import jobs
 from webapp.models import Job
 
@@ -135,6 +136,32 @@ def test_upstream_errors_reach_the_client_as_openai_errors(app, account, live, m
             with pytest.raises(openai.APIStatusError) as err:
                 client.chat.completions.create(model=model, messages=PROMPT)
     assert err.value.status_code == status
+
+
+# A tool call whose id is longer than the gateway takes: the worker relays it as the upstream
+# sent it, and the gateway refuses the report that carries it.
+LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{}"}}]]
+
+
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": gateway_config.LEASE_TTL}])  # the real lease, not 2 s
+def test_a_refused_report_reaches_the_client_at_once(app, account, live, monkeypatch):
+    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-tools-loose") as (_, log):
+            wait_for_models(client, "fake-tools-loose")
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model="fake-tools-loose", messages=PROMPT)
+            waited = time.monotonic() - started
+    field = "jobs[0].chunks[0].delta.tool_calls[0].id must be at most 191 characters."
+    assert (err.value.status_code, err.value.code) == (502, "upstream_error")
+    assert err.value.body["message"] == f"The worker's output was refused by the gateway: {field} (invalid_output)"
+    assert waited < gateway_config.LEASE_TTL / 3  # not the worker_lost that the lapsed lease would bring
+    assert [(r.state, r.error_code) for r in job_rows(app)] == [("failed", "invalid_output")]
+    assert any(f"invalid_output: The worker's output was refused by the gateway: {field}" in line for line in log), log
 
 
 def test_client_disconnect_stops_the_upstream_stream(app, account, live):

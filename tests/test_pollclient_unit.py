@@ -574,7 +574,7 @@ class FakeGateway:
         if self.fail_reports:
             self.fail_reports -= 1
             return 500, {"error": {"message": "database is locked"}}
-        if sum(len(entry["chunks"]) for entry in body["jobs"]) > self.max_chunks:
+        if sum(len(entry.get("chunks") or []) for entry in body["jobs"]) > self.max_chunks:
             return 413, {"error": {"message": "Too many chunks in one report; send smaller batches."}}
         try:
             validate_report(body)
@@ -594,10 +594,11 @@ class FakeGateway:
             return {"id": job_id, "ok": True, "next_seq": len(stored), "stop": True, "reason": "finished"}
         if job_id in self.cancel:
             return {"id": job_id, "ok": False, "next_seq": len(stored), "stop": True, "reason": "cancelled"}
-        if job_id in self.gap_once and entry["chunks"]:
+        chunks = entry.get("chunks") or []  # optional, as on the real gateway
+        if job_id in self.gap_once and chunks:
             self.gap_once.discard(job_id)  # store nothing, as if an earlier chunk had been lost
             return {"id": job_id, "ok": False, "next_seq": len(stored), "stop": False, "reason": "seq_gap"}
-        for chunk in entry["chunks"]:
+        for chunk in chunks:
             if chunk["seq"] == len(stored):
                 stored.append(chunk["delta"])
             elif chunk["seq"] > len(stored):
@@ -725,6 +726,47 @@ def test_worker_sends_smaller_reports_after_a_413(gateway: FakeGateway) -> None:
     assert code == 0, log
     assert gateway.text("job-1") == text
     assert "report too large" in log
+
+
+# An upstream's tool call with an id longer than the gateway takes (191 characters): the
+# openai backend relays it as it came, and the gateway refuses the report that carries it.
+LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{}"}}]]
+LONG_ID_FIELD = "jobs[0].chunks[0].delta.tool_calls[0].id"
+
+
+def test_worker_fails_a_job_whose_report_the_gateway_refuses(gateway: FakeGateway, upstream: FakeUpstream,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tests.fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    gateway.add_job("job-1", "weather?", model="fake-tools-loose")
+    code, log = finish(start_worker(gateway.url, "--once", "--backend", "openai", "--upstream-url", upstream.url,
+                                    "--models", "fake-tools-loose"))
+    assert code == 0, log
+    [refused] = gateway.refused
+    assert refused["error"]["param"] == LONG_ID_FIELD
+    message = f"The worker's output was refused by the gateway: {refused['error']['message']}"
+    error = {"code": "invalid_output", "message": message, "retry": False}
+    # One error-only report follows the refused one, and nothing more: no resending, no loop.
+    (refused_at, _), (failed_at, failure) = gateway.reports
+    assert failure == {"jobs": [{"id": "job-1", "lease": "lease-job-1", "error": error}]}
+    assert LONG_ID_FIELD in message
+    assert failed_at - refused_at < 2  # at once, not at the next heartbeat (10 s) or the lapsed lease (30 s)
+    assert gateway.ended["job-1"] == {"error": error}
+    assert "job job-1 failed after" in log and f"invalid_output: {message}" in log
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_worker_gives_a_refused_job_up_when_its_error_report_fails_too(gateway: FakeGateway, status: int) -> None:
+    refusal = json.dumps({"error": {"message": "jobs[0].chunks[0].delta.content must be a string.",
+                                    "param": "jobs[0].chunks[0].delta.content", "code": "invalid_type"}}).encode()
+    failure = refusal if status == 400 else b'{"error": {"message": "database is locked"}}'
+    gateway.canned["/worker/v1/chunks"] = [(400, {}, refusal), (status, {}, failure)]
+    gateway.add_job("job-1", "one two three")
+    code, log = finish(start_worker(gateway.url, "--once"))
+    assert code == 0, log
+    codes = [entry.get("error", {}).get("code") for _, body in gateway.reports for entry in body["jobs"]]
+    assert codes == [None, "invalid_output"]  # the error report went once, and was not sent again
+    assert "could not fail the refused job(s) at the gateway either" in log and "job job-1 dropped" in log
 
 
 def test_worker_stops_a_cancelled_job(gateway: FakeGateway) -> None:

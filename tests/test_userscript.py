@@ -264,6 +264,46 @@ def test_the_local_endpoint_adapter_rebuilds_loose_tool_calls(app, chromium_open
         assert [j.state for j in s.scalars(select(Job))] == ["completed"]
 
 
+# A tool call whose id is longer than the gateway takes: the tab relays it as the local server
+# sent it, and the gateway refuses the report that carries it.
+LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{}"}}]]
+
+
+# The real lease, so a lapsed one would show; the real long-poll, so the panel keeps saying
+# what was refused until the tab's next claim answers.
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": gateway_config.LEASE_TTL,
+                                         "CLAIM_WAIT_MAX": gateway_config.CLAIM_WAIT_MAX}])
+def test_a_refused_report_fails_the_job_at_once_and_the_panel_says_why(app, chromium_open, account, live,
+                                                                       monkeypatch):
+    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    field = "jobs[0].chunks[0].delta.tool_calls[0].id must be at most 191 characters."
+    upstream = start_fake_upstream()
+    try:
+        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
+                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        page = context.new_page()
+        page.goto(live.url + "/browser-worker")
+        api = client(live, account)
+        wait_models(api, "fake-tools-loose")
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            api.chat.completions.create(model="fake-tools-loose", messages=PROMPT)
+        waited = time.monotonic() - started
+        with app.app_context(), db.read() as s:
+            [job] = s.scalars(select(Job))
+        wait_state(page, "error")
+        expect(page.locator("#pollgate-panel [data-role=message]")).to_have_text(
+            f"The gateway refused this tab's output, so job {job.public_id} failed: {field}")
+        context.close()
+    finally:
+        upstream.stop()
+    assert (err.value.status_code, err.value.code) == (502, "upstream_error")
+    assert err.value.body["message"] == f"The worker's output was refused by the gateway: {field} (invalid_output)"
+    assert waited < gateway_config.LEASE_TTL / 3  # not the worker_lost that the lapsed lease would bring
+    assert (job.state, job.error_code) == ("failed", "invalid_output")
+
+
 def test_line_parser_and_message_mapping(chromium_open):
     page = chromium_open.new_page()
     for name in ("lines.js", "errors.js", "adapters/lmarena.js"):

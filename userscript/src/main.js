@@ -169,7 +169,11 @@ class BrowserWorker {
     } finally {
       reporter.stop();
       this.running.delete(job.id);
-      if (!this.paused) this.show(this.running.size ? "busy" : "connected");
+      if (!this.paused) {
+        // What the gateway refused stays in the panel until the next claim answers.
+        if (reporter.refusal) this.show("error", reporter.refusal);
+        else this.show(this.running.size ? "busy" : "connected");
+      }
       // A slot is free: wake a loop that waits for one (a claim in flight comes back by itself).
       if (!this.claiming) this.restart();
     }

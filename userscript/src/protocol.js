@@ -110,6 +110,7 @@ class Reporter {
     this.end = null;
     this.busy = null;
     this.stopped = false;
+    this.refusal = ""; // what the gateway refused, once it did: said in the panel
     this.failures = 0;
     this.retryAt = 0; // after a failed report, not before this
     this.timer = null;
@@ -183,7 +184,8 @@ class Reporter {
       this.schedule(more ? FLUSH_MS : sentAt + this.timings.heartbeatMs - Date.now());
     } catch (error) {
       if (this.stopped) return;
-      if (error.status === 400 || error.status === 401 || error.status === 413) {
+      if (error.status === 400) return this.refused(error);
+      if (error.status === 401 || error.status === 413) {
         this.stop(); // nothing in the call was stored and retrying will not change that
         this.onStop(error.message);
         return;
@@ -200,5 +202,19 @@ class Reporter {
       this.onTrouble(`${why}; sending the output again in ${seconds.toFixed(1)} s to keep the job.`);
       this.schedule(0);
     }
+  }
+
+  // The gateway refused a report (a 400 naming the field): nothing in it was stored and the
+  // same report would be refused again. Stop the job and fail it with one error-only report,
+  // so its client hears why now rather than when the lease lapses; if that report fails
+  // too, the lease lapses as before.
+  async refused(error) {
+    const detail = error.message.replace(/^HTTP 400: /, ""); // the gateway's words, naming the field
+    this.refusal = `The gateway refused this tab's output, so job ${this.job.id} failed: ${detail}`;
+    this.stop();
+    this.onStop(this.refusal);
+    const message = `The worker's output was refused by the gateway: ${detail}`;
+    const entry = { id: this.job.id, lease: this.job.lease, error: { code: "invalid_output", message, retry: false } };
+    await this.gateway.report([entry], this.job.lease_ttl).catch(() => {});
   }
 }
