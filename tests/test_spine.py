@@ -13,7 +13,7 @@ import requests
 import pytest
 from sqlalchemy import select, text, update
 
-from conftest import read_until_error
+from conftest import make_app, read_until_error
 from protocol import ProtoWorker
 from webapp import jobs, maintenance, usage
 from webapp.db import db, retrying
@@ -195,9 +195,9 @@ def test_lazy_housekeeping_never_ends_the_request_that_ran_it(app, account, live
     assert reply.choices[0].message.content == "still here" and calls
 
 
-def test_a_deadlock_victim_runs_again_whole(app):
-    if not app.config["DATABASE_URL"].startswith("mysql"):
-        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE: it has no deadlocks to retry")
+def test_a_deadlock_victim_runs_again_whole(mariadb, tmp_path):
+    # MariaDB only: SQLite serialises writers with BEGIN IMMEDIATE and has no deadlocks to retry.
+    app = make_app(mariadb.new_database(), str(tmp_path / "instance"))
     with app.app_context(), db.begin() as s:
         s.execute(text("CREATE TABLE spine_rows (id INT PRIMARY KEY, n INT) ENGINE=InnoDB"))
         s.execute(text("INSERT INTO spine_rows VALUES (1, 0), (2, 0)"))
