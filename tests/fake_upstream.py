@@ -41,6 +41,11 @@ LOOSE_TOOL_CALLS = [
     [{"index": None, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": '}}],
     [{"index": None, "id": None, "type": None, "function": {"name": None, "arguments": '"CET"}'}}, "not a call"],
 ]
+# A tool call whose id is longer than the gateway takes (191 characters): a worker relays it
+# as the upstream sent it, and the gateway refuses the report that carries it. Tests put it
+# in place of LOOSE_TOOL_CALLS to make the gateway refuse a report.
+LONG_ID_TOOL_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{}"}}]]
 SLOW_PIECES = 100
 SLOW_DELAY = 0.1
 HANG = 5.0

@@ -15,7 +15,7 @@ import requests
 from werkzeug.serving import make_server
 
 from conftest import ROOT, read_until_error
-from fake_upstream import ANSWER, REASONING, start_fake_upstream
+from fake_upstream import ANSWER, LONG_ID_TOOL_CALLS, REASONING, start_fake_upstream
 from mariadb import free_port
 from webapp import config as gateway_config
 from webapp import jobs
@@ -138,15 +138,9 @@ def test_upstream_errors_reach_the_client_as_openai_errors(app, account, live, m
     assert err.value.status_code == status
 
 
-# A tool call whose id is longer than the gateway takes: the worker relays it as the upstream
-# sent it, and the gateway refuses the report that carries it.
-LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
-                   "function": {"name": "get_weather", "arguments": "{}"}}]]
-
-
 @pytest.mark.parametrize("app_config", [{"LEASE_TTL": gateway_config.LEASE_TTL}])  # the real lease, not 2 s
 def test_a_refused_report_reaches_the_client_at_once(app, account, live, monkeypatch):
-    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_TOOL_CALLS)
     client = api(live, account.key)
     with start_fake_upstream() as upstream:
         with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,

@@ -32,7 +32,9 @@ from pollclient.backends import (
     upstream_http_error,
 )
 from pollclient.retry import Backoff, polite_delay
-from tests.fake_upstream import ANSWER, REASONING, TOOL_ARGUMENTS, FakeUpstream, start_fake_upstream
+from tests.fake_upstream import (ANSWER, LONG_ID_TOOL_CALLS, REASONING, TOOL_ARGUMENTS, FakeUpstream,
+                                 start_fake_upstream)
+from tests.support import wait_for_hangup
 from webapp import config as gateway_config
 from webapp.errors import ApiError
 from webapp.worker_input import parse_reports
@@ -504,15 +506,9 @@ class FakeGateway:
     def hang(self, connection: socket.socket) -> None:
         """Answer nothing until the worker gives up on the request and closes the connection."""
         received = time.monotonic()
-        connection.settimeout(30)
-        try:
-            closed = connection.recv(1) == b""  # the worker sends nothing more on this connection
-        except TimeoutError:
-            closed = False
-        except ConnectionError:
-            closed = True
+        closed = wait_for_hangup(connection)
         with self.cond:
-            self.hung.append((received, time.monotonic() if closed else math.inf))
+            self.hung.append((received, closed))
             self.cond.notify_all()
 
     def answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -728,16 +724,12 @@ def test_worker_sends_smaller_reports_after_a_413(gateway: FakeGateway) -> None:
     assert "report too large" in log
 
 
-# An upstream's tool call with an id longer than the gateway takes (191 characters): the
-# openai backend relays it as it came, and the gateway refuses the report that carries it.
-LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
-                   "function": {"name": "get_weather", "arguments": "{}"}}]]
 LONG_ID_FIELD = "jobs[0].chunks[0].delta.tool_calls[0].id"
 
 
 def test_worker_fails_a_job_whose_report_the_gateway_refuses(gateway: FakeGateway, upstream: FakeUpstream,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tests.fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    monkeypatch.setattr("tests.fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_TOOL_CALLS)
     gateway.add_job("job-1", "weather?", model="fake-tools-loose")
     code, log = finish(start_worker(gateway.url, "--once", "--backend", "openai", "--upstream-url", upstream.url,
                                     "--models", "fake-tools-loose"))

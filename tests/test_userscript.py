@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 import threading
@@ -18,7 +17,8 @@ from sqlalchemy import select
 
 from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
 from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
-from fake_upstream import ANSWER as LOCAL_ANSWER, start_fake_upstream
+from fake_upstream import ANSWER as LOCAL_ANSWER, LONG_ID_TOOL_CALLS, start_fake_upstream
+from support import wait_for_hangup
 from webapp import config as gateway_config
 from webapp import userscript
 from webapp.db import db
@@ -264,19 +264,13 @@ def test_the_local_endpoint_adapter_rebuilds_loose_tool_calls(app, chromium_open
         assert [j.state for j in s.scalars(select(Job))] == ["completed"]
 
 
-# A tool call whose id is longer than the gateway takes: the tab relays it as the local server
-# sent it, and the gateway refuses the report that carries it.
-LONG_ID_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
-                   "function": {"name": "get_weather", "arguments": "{}"}}]]
-
-
 # The real lease, so a lapsed one would show; the real long-poll, so the panel keeps saying
 # what was refused until the tab's next claim answers.
 @pytest.mark.parametrize("app_config", [{"LEASE_TTL": gateway_config.LEASE_TTL,
                                          "CLAIM_WAIT_MAX": gateway_config.CLAIM_WAIT_MAX}])
 def test_a_refused_report_fails_the_job_at_once_and_the_panel_says_why(app, chromium_open, account, live,
                                                                        monkeypatch):
-    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_CALLS)
+    monkeypatch.setattr("fake_upstream.LOOSE_TOOL_CALLS", LONG_ID_TOOL_CALLS)
     field = "jobs[0].chunks[0].delta.tool_calls[0].id must be at most 191 characters."
     upstream = start_fake_upstream()
     try:
@@ -392,15 +386,9 @@ class GatewayProxy:
 
     def hang(self, connection) -> None:
         received = time.monotonic()
-        connection.settimeout(30)
-        try:
-            closed = connection.recv(1) == b""  # the worker sends nothing more on this connection
-        except TimeoutError:
-            closed = False
-        except ConnectionError:
-            closed = True
+        closed = wait_for_hangup(connection)
         with self.lock:
-            self.hung.append((received, time.monotonic() if closed else math.inf))
+            self.hung.append((received, closed))
 
     def stop(self) -> None:
         self.server.shutdown()
