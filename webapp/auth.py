@@ -16,10 +16,14 @@ bp = Blueprint("auth", __name__)
 
 
 @login_manager.user_loader
-def load_user(user_id: str):
-    """Load the signed-in user for flask-login."""
+def load_user(session_id: str):
+    """Load the signed-in user for flask-login, if the session's generation is still current."""
+    user_id, _, generation = session_id.partition(":")
+    if not user_id.isdigit() or not generation.isdigit():
+        return None  # a cookie from before session generations, or forged: sign in again
     with db.read() as s:
-        return s.get(User, int(user_id)) if user_id.isdigit() else None
+        user = s.get(User, int(user_id))
+    return user if user is not None and user.session_gen == int(generation) else None
 
 
 @bp.route("/login", methods=["GET", "POST"])

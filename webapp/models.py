@@ -2,7 +2,7 @@
 
 Accounts: tiers, users, api_keys, invites. The queue: workers, jobs, chunks,
 held_requests. Accounting: usage, usage_daily, rate_buckets, model_prices. The admin's:
-settings, model_aliases, events (the system log).
+settings, model_aliases, events (the system log), signin_throttle.
 """
 from __future__ import annotations
 
@@ -94,6 +94,13 @@ class User(UserMixin, Base):
     # None: the tier named DEFAULT_TIER, so new users need no tier picked.
     tier_id: Mapped[Optional[int]] = mapped_column(ForeignKey("tiers.id", ondelete="SET NULL"))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
+    # Part of the session cookie's user id: signing out or changing the password bumps it,
+    # so every cookie issued before stops working.
+    session_gen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    def get_id(self) -> str:
+        """Return the id Flask-Login keeps in the session: user id and session generation."""
+        return f"{self.id}:{self.session_gen}"
 
 
 class ApiKey(LimitColumns, Base):
@@ -135,6 +142,10 @@ class Worker(Base):
     token_prefix: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A shared worker reads every user's prompts and reports their token counts: the
+    # admin who trusted it that far is on record.
+    shared_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    shared_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     last_seen_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp, index=True)
@@ -199,6 +210,8 @@ class Job(Base):
     lease_expires_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Bytes of answer stored so far, so a worker cannot fill the host's disk quota.
+    output_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     finish_reason: Mapped[Optional[str]] = mapped_column(String(32))
     error_code: Mapped[Optional[str]] = mapped_column(String(64))
     error_message: Mapped[Optional[str]] = mapped_column(Text)
@@ -373,6 +386,18 @@ class ModelAlias(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     alias: Mapped[str] = mapped_column(String(191), unique=True)
     target: Mapped[str] = mapped_column(String(191))
+
+
+class SigninThrottle(Base):
+    """Failed sign-ins in the current window of one client address, or of one (email, address) pair."""
+
+    __tablename__ = "signin_throttle"
+
+    # sha256 of "ip:<address>" or "pair:<email> <address>": fixed length, and the table
+    # holds no email addresses.
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
 
 
 class HeldRequest(Base):
