@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import time
 from typing import Any, Optional
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as defaults
 
@@ -18,7 +21,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
     app.config.from_object(defaults)
     app.config.from_pyfile("pollgate.cfg", silent=True)
-    for name in ("DATABASE_URL", "SECRET_KEY"):
+    for name in ("DATABASE_URL", "SECRET_KEY", "SITE_URL"):
         if os.environ.get(name):
             app.config[name] = os.environ[name]
     app.config.from_prefixed_env("POLLGATE")
@@ -27,8 +30,10 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     os.makedirs(app.instance_path, exist_ok=True)
     if not app.config["DATABASE_URL"]:
         app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "pollgate.db")
-    if app.config["SECRET_KEY"] == "dev" and not app.debug and not app.testing:
-        log.warning("SECRET_KEY is the development default; run the installer or set SECRET_KEY")
+    if not app.config["SECRET_KEY"]:
+        app.config["SECRET_KEY"] = instance_secret(app.instance_path)
+    _follow_site_url(app)
+
 
     from . import cli, errors, migrate
     from .db import db
@@ -55,9 +60,43 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     csrf.exempt(api.bp)
     csrf.exempt(worker_api.bp)
     app.after_request(security_headers)
+    if app.config["TRUSTED_PROXIES"]:
+        hops = int(app.config["TRUSTED_PROXIES"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_prefix=hops)
 
     @app.get("/healthz")
     def healthz():
         return {"ok": True}
 
     return app
+
+
+def instance_secret(instance_path: str) -> str:
+    """Return this instance's session key, made once at random and kept readable by its owner only."""
+    path = os.path.join(instance_path, "secret-key")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Another process made it first; it may still be writing, so wait for the whole key.
+        for _ in range(50):
+            with open(path) as handle:
+                key = handle.read().strip()
+            if len(key) == 64:
+                return key
+            time.sleep(0.1)
+        raise RuntimeError(f"{path} is not a session key; delete it to make a new one")
+    key = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    log.info("made a session key in %s", path)
+    return key
+
+
+def _follow_site_url(app: Flask) -> None:
+    """Mark cookies Secure and links https when the site URL is https."""
+    site = (app.config.get("SITE_URL") or "").rstrip("/")
+    app.config["SITE_URL"] = site or None
+    if site.startswith("https://"):
+        app.config["SESSION_COOKIE_SECURE"] = True
+        app.config["REMEMBER_COOKIE_SECURE"] = True
+        app.config["PREFERRED_URL_SCHEME"] = "https"

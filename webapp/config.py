@@ -2,7 +2,17 @@
 
 # Database: SQLite in the instance folder unless DATABASE_URL says otherwise.
 DATABASE_URL = None
-SECRET_KEY = "dev"  # Replaced by the installer; create_app warns when it is still "dev".
+# Signs session cookies. None: create_app makes a random one once and keeps it in
+# instance/secret-key (mode 0600). Several nodes must share one: set SECRET_KEY.
+SECRET_KEY = None
+# The public URL of the gateway (https://example.com/api). Links the app hands out (the
+# worker command, the userscript's @connect and @updateURL, invites) use it, never the
+# request's Host header; https here also marks cookies Secure. The installer sets it.
+SITE_URL = None
+# How many proxies in front of the app set X-Forwarded-For/-Proto/-Host/-Prefix (nginx
+# in front of gunicorn: 1). 0 trusts none of those headers: under Passenger the client
+# address is the real one, and a forwarded one would be the client's own claim.
+TRUSTED_PROXIES = 0
 
 # Session cookies: never readable by scripts, not sent on cross-site requests; the
 # installer turns SESSION_COOKIE_SECURE on when the site URL is https.
@@ -10,8 +20,12 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_SECURE = False
 REMEMBER_COOKIE_HTTPONLY = True
-# Sign-in throttling: this many failures for one email within the window lock it out.
+# Sign-in throttling, per client address, so guesses lock out only the guesser: this
+# many attempts at one email from one address within the window (a success clears
+# them), and this many failures from one address at any emails (an IPv6 /64 counts as
+# one address). Seconds in the window.
 SIGNIN_MAX_FAILURES = 5
+SIGNIN_MAX_FAILURES_PER_ADDRESS = 50
 SIGNIN_THROTTLE_WINDOW = 900.0
 # The CSRF token lives as long as the session instead of one hour, so a form left
 # open over lunch still submits.

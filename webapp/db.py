@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from sqlalchemy import MetaData, Table, create_engine, event, text
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy import exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Base(DeclarativeBase):
 def make_engine(url: str, pool_size: int = 2, pool_recycle: int = 280) -> Engine:
     """Create an engine tuned for the dialect the URL names."""
     if url.startswith("sqlite"):
+        _private_sqlite_files(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _serialize_sqlite(engine)
         return engine
@@ -54,7 +55,27 @@ def make_engine(url: str, pool_size: int = 2, pool_recycle: int = 280) -> Engine
         pool_reset_on_return=None,
         # READ COMMITTED: a long-poll that re-reads sees other processes' commits at once.
         isolation_level="READ COMMITTED",
+        # LOAD DATA LOCAL lets a server read the client's files; a URL query cannot turn it on.
+        connect_args={"local_infile": False},
     )
+
+
+def _private_sqlite_files(url: str) -> None:
+    """Create the SQLite file readable by its owner only, and tighten one made earlier."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:") or not os.path.isdir(os.path.dirname(path) or "."):
+        return  # nothing on disk, or a folder that is not there: SQLite's own error says so
+    # SQLite gives the -wal and -shm files the database file's mode, so making the file
+    # 0600 before SQLite opens it covers all three; an older install's files are tightened.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # not ours to change (another user's file): say so, go on
+            log.warning("cannot make %s private: %s", name, err.strerror)
 
 
 def _serialize_sqlite(engine: Engine) -> None:

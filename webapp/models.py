@@ -143,8 +143,9 @@ class Worker(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     # A shared worker reads every user's prompts and reports their token counts: the
-    # admin who trusted it that far is on record.
-    shared_by: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # admin who trusted it that far is on record. No foreign key: adding one rebuilds the
+    # table on SQLite, and the record outlives the admin's account.
+    shared_by: Mapped[Optional[int]] = mapped_column(Integer)
     shared_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, default=utcnow)
     revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)

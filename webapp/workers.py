@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Sequence
+import logging
+from typing import Any, Sequence
 
-from flask import current_app, request
+from flask import current_app, request, url_for
 from sqlalchemy import select, update
 
 from . import settings
 from .db import db
 from .models import NOT_READY, Worker, epoch, utcnow
+
+log = logging.getLogger(__name__)
 
 # A busy worker reports instead of polling; recording each report's time would be a write
 # per report, so last_seen_at moves in steps of this much.
@@ -23,8 +26,21 @@ SEEN_GRANULARITY = dt.timedelta(seconds=10)
 
 
 def gateway_url() -> str:
-    """Return the URL workers reach this gateway at: the installer's SITE_URL, else this request's."""
-    return current_app.config.get("SITE_URL") or request.url_root.rstrip("/")
+    """Return the URL workers reach this gateway at: the configured SITE_URL, else this request's."""
+    site = current_app.config.get("SITE_URL")
+    if site:
+        return site
+    if not current_app.testing and not current_app.extensions.get("pollgate.warned_site_url"):
+        current_app.extensions["pollgate.warned_site_url"] = True
+        log.warning("SITE_URL is not set, so links follow the request's Host header; set SITE_URL")
+    return request.url_root.rstrip("/")
+
+
+def public_url(endpoint: str, **values: Any) -> str:
+    """Return an absolute link to one of the app's pages, under the configured site URL."""
+    path = url_for(endpoint, **values)
+    # url_for includes the mount point (Passenger's /api), which SITE_URL already ends with.
+    return gateway_url() + path[len(request.script_root):]
 
 
 def _live_since() -> dt.datetime:

@@ -27,7 +27,6 @@ def upgrade() -> None:
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('shared_by', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('shared_at', TIMESTAMP, nullable=True))
-        batch_op.create_foreign_key('fk_workers_shared_by', 'users', ['shared_by'], ['id'], ondelete='SET NULL')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('output_bytes', sa.BigInteger(), server_default='0', nullable=False))
     op.create_table(
@@ -46,7 +45,6 @@ def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_column('output_bytes')
     with op.batch_alter_table('workers', schema=None) as batch_op:
-        batch_op.drop_constraint('fk_workers_shared_by', type_='foreignkey')
         batch_op.drop_column('shared_at')
         batch_op.drop_column('shared_by')
     with op.batch_alter_table('users', schema=None) as batch_op:
