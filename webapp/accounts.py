@@ -6,11 +6,12 @@ import hashlib
 import secrets
 from typing import Optional
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import settings
 from .db import db
 from .errors import ApiError
 from .models import ApiKey, Invite, Tier, User, Worker, utcnow
@@ -133,18 +134,35 @@ def find_user(email: str) -> Optional[User]:
         return s.scalar(select(User).where(User.email == email.strip().lower()))
 
 
+class TooMany(ValueError):
+    """A user already has as many keys or worker tokens as the site allows."""
+
+
+def _check_room(s: Session, user_id: int, column, revoked, cap: int, what: str) -> None:
+    """Refuse one more of a user's keys or tokens past the site's cap, counting under the user's row lock."""
+    # The row lock makes two tabs creating the last allowed key at once take turns.
+    s.execute(select(User.id).where(User.id == user_id).with_for_update())
+    held = s.scalar(select(func.count()).where(column == user_id, revoked.is_(None)))
+    if cap and held >= cap:
+        raise TooMany(f"you already have {held} {what}, the most this site allows; revoke one you no longer use")
+
+
 def create_api_key(user_id: int, name: str = "") -> str:
     """Create an API key and return its secret, which is never stored or shown again."""
     secret = new_secret(API_KEY_PREFIX)
+    cap = settings.get("max_api_keys_per_user")
     with db.begin() as s:
+        _check_room(s, user_id, ApiKey.user_id, ApiKey.revoked_at, cap, "API keys")
         s.add(ApiKey(user_id=user_id, name=name[:100], prefix=secret[:12], key_hash=hash_secret(secret)))
     return secret
 
 
-def create_worker_token(user_id: int, name: str = "", shared: bool = False) -> str:
+def create_worker_token(user_id: int, name: str = "", shared: bool = False, shared_by: Optional[int] = None) -> str:
     """Create a worker identity and return its token, which is never stored or shown again."""
     secret = new_secret(WORKER_TOKEN_PREFIX)
+    cap = settings.get("max_worker_tokens_per_user")
     with db.begin() as s:
+        _check_room(s, user_id, Worker.user_id, Worker.revoked_at, cap, "worker tokens")
         s.add(
             Worker(
                 user_id=user_id,
@@ -152,6 +170,8 @@ def create_worker_token(user_id: int, name: str = "", shared: bool = False) -> s
                 token_prefix=secret[:12],
                 token_hash=hash_secret(secret),
                 shared=shared,
+                shared_by=shared_by if shared else None,
+                shared_at=utcnow() if shared else None,
             )
         )
     return secret

@@ -11,11 +11,25 @@ from sqlalchemy import func, select, update
 from . import accounts, budget, events, jobs, migrate, settings
 from .db import db
 from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
-from .workers import worker_state
+from .workers import public_url, worker_state
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 LIMIT_FIELDS = [f"{kind}_per_{window}" for kind in ("requests", "tokens") for window in WINDOWS]
+# Rows per page of the worker and user lists, so no account can make a page megabytes long.
+PAGE = 50
+
+
+def _page() -> tuple[int, int]:
+    """Return the page asked for (from 1) and the rows to skip before it."""
+    page = request.args.get("page", 1, type=int)
+    page = page if page and 1 <= page <= 100_000 else 1
+    return page, (page - 1) * PAGE
+
+
+def _pages(page: int, total: int) -> dict:
+    """Describe the page links: this page, the last one, and whether there are others."""
+    return {"page": page, "last": max(1, -(-total // PAGE)), "total": total}
 
 
 def admin_required(view):
@@ -43,8 +57,13 @@ def queue():
             .group_by(Job.model, Job.state)
         ).all()
         running = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.id).limit(200)))
-        workers = list(s.scalars(select(Worker).order_by(Worker.last_seen_at.desc())))
-        owners = dict(s.execute(select(User.id, User.email)).all())
+        page, offset = _page()
+        # Revoked workers serve nothing; the newest-seen come first, a page at a time.
+        live = select(Worker).where(Worker.revoked_at.is_(None))
+        workers = list(s.scalars(live.order_by(Worker.last_seen_at.desc(), Worker.id.desc()).offset(offset).limit(PAGE)))
+        total = s.scalar(select(func.count()).select_from(live.subquery()))
+        people = {j.user_id for j in running} | {w.user_id for w in workers} | {w.shared_by for w in workers}
+        owners = dict(s.execute(select(User.id, User.email).where(User.id.in_(people))).all())
         busy = dict(s.execute(select(Job.worker_id, func.count()).where(Job.state == "running").group_by(Job.worker_id)).all())
     models: dict[str, dict] = {}
     for model, state, count, oldest in depth:
@@ -54,7 +73,8 @@ def queue():
             entry["oldest"] = round((now - oldest).total_seconds(), 1)
     states = {w.id: worker_state(w, busy.get(w.id, 0)) for w in workers}
     return render_template("admin/queue.html", models=models, jobs=running, workers=workers, states=states,
-                           owners=owners, now=now, held=budget.in_use(), kinds=budget.KINDS)
+                           owners=owners, now=now, held=budget.in_use(), kinds=budget.KINDS,
+                           pages=_pages(page, total))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
@@ -75,9 +95,14 @@ def share_worker(worker_id: int):
     """Let a worker serve every user's jobs, or only its owner's again."""
     shared = request.form.get("shared") == "1"
     with db.begin() as s:
-        if not s.execute(update(Worker).where(Worker.id == worker_id).values(shared=shared)).rowcount:
+        # Who trusted a worker with everyone's prompts stays on record with it.
+        who = {"shared_by": current_user.id, "shared_at": utcnow()} if shared else {"shared_by": None, "shared_at": None}
+        if not s.execute(update(Worker).where(Worker.id == worker_id).values(shared=shared, **who)).rowcount:
             abort(404)
-    flash("The worker now serves everyone's jobs." if shared else "The worker now serves only its owner.", "info")
+    events.record("worker_shared" if shared else "worker_unshared", str(worker_id),
+                  f"{'shared' if shared else 'unshared'} by {current_user.email}", current_user.id)
+    flash("The worker now serves everyone's jobs: it reads their prompts and answers, and the token counts it "
+          "reports are billed to them." if shared else "The worker now serves only its owner.", "info")
     return redirect(url_for("admin.queue"))
 
 
@@ -85,13 +110,15 @@ def share_worker(worker_id: int):
 @admin_required
 def users(invite_link: str = ""):
     """List users with their tier, the tiers with their limits, and open invites."""
+    page, offset = _page()
     with db.read() as s:
-        found = list(s.scalars(select(User).order_by(User.id)))
+        found = list(s.scalars(select(User).order_by(User.id).offset(offset).limit(PAGE)))
+        total = s.scalar(select(func.count()).select_from(User))
         tiers = list(s.scalars(select(Tier).order_by(Tier.id)))
         invites = list(s.scalars(select(Invite).where(Invite.used_at.is_(None), Invite.expires_at > utcnow())
                                  .order_by(Invite.id.desc()).limit(50)))
     return render_template("admin/users.html", users=found, tiers=tiers, fields=LIMIT_FIELDS, invites=invites,
-                           invite_link=invite_link)
+                           invite_link=invite_link, pages=_pages(page, total))
 
 
 @bp.post("/users")
@@ -210,17 +237,23 @@ NUMBERS = (
     ("retention_hours", 0, 24 * 365, "Retention must be a whole number of hours from 0 to 8760."),
     ("max_long_polls", 0, 1000, "Long-polls held at once must be a whole number from 0 (no cap) to 1000."),
     ("max_streams", 0, 1000, "Open API requests must be a whole number from 0 (no cap) to 1000."),
+    ("max_api_keys_per_user", 0, 10_000, "API keys per user must be a whole number from 0 (no cap) to 10000."),
+    ("max_worker_tokens_per_user", 0, 10_000,
+     "Worker tokens per user must be a whole number from 0 (no cap) to 10000."),
+    ("max_answer_mb", 1, 1024, "The answer size cap must be a whole number of megabytes from 1 to 1024."),
 )
 
 
 @bp.route("/settings", methods=["GET", "POST"])
 @admin_required
 def site_settings():
-    """Show and change the site's settings: sign-up, retention and the held-request budget."""
+    """Show and change the site's settings: sign-up, retention, the held-request budget and the caps."""
     if request.method == "POST":
         values: dict = {"public_signup": request.form.get("public_signup") == "1"}
         for field, low, high, message in NUMBERS:
-            raw = request.form.get(field, "").strip()
+            if field not in request.form:
+                continue  # a form from before this setting existed keeps its value
+            raw = request.form[field].strip()
             if not raw.isdigit() or not low <= int(raw) <= high:
                 flash(message, "error")
                 return redirect(url_for("admin.site_settings"))
@@ -263,7 +296,7 @@ def invite():
         if tier_id is not None and s.get(Tier, tier_id) is None:
             abort(400)
     secret = accounts.create_invite(current_user.id, email, tier_id)
-    link = url_for("auth.signup", invite=secret, _external=True)
+    link = public_url("auth.signup", invite=secret)
     return users(invite_link=link)
 
 

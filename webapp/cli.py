@@ -7,7 +7,7 @@ import click
 from flask.cli import with_appcontext
 from flask import Flask
 
-from . import accounts, maintenance, migrate, settings
+from . import accounts, events, maintenance, migrate, settings
 
 
 def _user_id(email: str) -> int:
@@ -49,7 +49,10 @@ def create_user(email: str, password: str, admin: bool, tier: str | None) -> Non
 @click.option("--name", default="", help="A label to recognise the key by.")
 def create_key(email: str, name: str) -> None:
     """Create an API key; the secret is printed once, alone on the last line."""
-    secret = accounts.create_api_key(_user_id(email), name)
+    try:
+        secret = accounts.create_api_key(_user_id(email), name)
+    except accounts.TooMany as err:
+        raise click.ClickException(str(err))
     click.echo(f"API key for {email} (shown once, store it now):")
     click.echo(secret)
 
@@ -58,10 +61,19 @@ def create_key(email: str, name: str) -> None:
 @with_appcontext
 @click.argument("email")
 @click.option("--name", default="", help="A label to recognise the worker by.")
-@click.option("--shared", is_flag=True, help="Let this worker serve every user's jobs.")
+@click.option("--shared", is_flag=True,
+              help="Let this worker serve every user's jobs: it reads their prompts and reports their token counts.")
 def create_worker_token(email: str, name: str, shared: bool) -> None:
     """Create a worker token; the secret is printed once, alone on the last line."""
-    secret = accounts.create_worker_token(_user_id(email), name, shared)
+    try:
+        secret = accounts.create_worker_token(_user_id(email), name, shared)
+    except accounts.TooMany as err:
+        raise click.ClickException(str(err))
+    if shared:
+        events.record("worker_shared", email, f"worker token {secret[:12]} created shared from the command line")
+        click.echo(f"This worker is shared: it will read every user's prompts and answers, and the token counts "
+                   f"it reports are billed to them. Only share a worker whose owner ({email}) you trust that far.",
+                   err=True)
     click.echo(f"worker token for {email} (shown once, store it now):")
     click.echo(secret)
 

@@ -100,7 +100,11 @@ def create_key():
     if days and (not days.isdigit() or not 1 <= int(days) <= 3650):
         flash("Expiry must be a number of days from 1 to 3650, or empty for never.", "error")
         return render_template("keys.html", keys=user_keys(), secret=None), 400
-    secret = accounts.create_api_key(current_user.id, name)
+    try:
+        secret = accounts.create_api_key(current_user.id, name)
+    except accounts.TooMany as err:
+        flash(f"No new key: {err}.", "error")
+        return render_template("keys.html", keys=user_keys(), secret=None), 409
     with db.begin() as s:
         s.execute(
             update(ApiKey).where(ApiKey.key_hash == accounts.hash_secret(secret)).values(
@@ -151,7 +155,11 @@ def worker_page(**extra) -> dict:
 def create_worker():
     """Create a worker token and show it, with the command to start a worker, this once."""
     name = request.form.get("name", "").strip()[:100]
-    secret = accounts.create_worker_token(current_user.id, name)
+    try:
+        secret = accounts.create_worker_token(current_user.id, name)
+    except accounts.TooMany as err:
+        flash(f"No new worker token: {err}.", "error")
+        return render_template("workers.html", **worker_page()), 409
     return render_template("workers.html", **worker_page(secret=secret, secret_name=name))
 
 

@@ -16,7 +16,7 @@ from flask import current_app
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from . import events, wake
+from . import events, settings, wake
 from .db import db, retrying
 from .models import Chunk, Job, Worker, utcnow
 
@@ -169,6 +169,7 @@ def apply_report(worker: Worker, report: Report) -> dict[str, Any]:
     """Store one job's chunks and finish, renew its lease, and say whether to stop."""
     now = utcnow()
     rang: list[str] = []
+    cap_mb = settings.get("max_answer_mb")
     with db.begin() as s:
         # The row lock serialises a retried report racing the original one.
         job = s.scalar(select(Job).where(Job.public_id == report.public_id).with_for_update())
@@ -176,19 +177,29 @@ def apply_report(worker: Worker, report: Report) -> dict[str, Any]:
         if verdict is not None:
             return verdict
         assert job is not None
-        gap = False
+        gap = too_large = False
         for seq, delta in sorted(report.chunks, key=lambda c: c[0]):
             if seq < job.next_seq:
                 continue  # already stored by an earlier try of this report
             if seq > job.next_seq:
                 gap = True
                 break
-            s.add(Chunk(job_id=job.id, seq=seq, delta_json=json.dumps(delta, separators=(",", ":")), created_at=now))
+            stored = json.dumps(delta, separators=(",", ":"))
+            if cap_mb and job.output_bytes + len(stored) > cap_mb * 1_000_000:
+                too_large = True
+                break
+            s.add(Chunk(job_id=job.id, seq=seq, delta_json=stored, created_at=now))
+            job.output_bytes += len(stored)
             job.next_seq += 1
             job.first_chunk_at = job.first_chunk_at or now
         job.lease_expires_at = now + _seconds("LEASE_TTL")
         rang.append(wake.job_topic(job.id))
-        if gap:
+        if too_large:
+            # What was stored stays (the client has it); the rest would only fill the disk.
+            _fail_or_requeue(s, job, {"code": "answer_too_large", "message": f"The answer passed this site's cap of "
+                                      f"{cap_mb} MB per request; the rest was dropped."}, now)
+            result = {"id": job.public_id, "ok": False, "next_seq": job.next_seq, "stop": True, "reason": "too_large"}
+        elif gap:
             result = {"id": job.public_id, "ok": False, "next_seq": job.next_seq, "stop": False, "reason": "seq_gap"}
         elif report.finish is not None:
             _complete(s, job, report.finish, now)

@@ -12,15 +12,21 @@ from sqlalchemy import select
 from .db import db
 from .models import ModelAlias, Setting
 
-# Each setting's default: a fresh install lets nobody sign up, keeps prompts and answers
-# for a day, and holds at most 4 + 10 requests open, which leaves 6 of a typical
-# shared-hosting account's 20 entry processes (CloudLinux's EP default) for pages, cron
-# and SSH; see docs/deploy.md. 0 means no cap.
+# Each setting's default, 0 meaning no cap: a fresh install lets nobody sign up, keeps
+# prompts and answers for a day, and holds at most 4 + 10 requests open, which leaves 6
+# of a typical shared-hosting account's 20 entry processes (CloudLinux's EP default) for
+# pages, cron and SSH; see docs/deploy.md.
 DEFAULTS: dict[str, Any] = {
     "public_signup": False,
     "retention_hours": 24,
     "max_long_polls": 4,
     "max_streams": 10,
+    # Caps that keep one account from flooding the admin's pages and the host's disk
+    # quota: 100 worker tokens made /admin/ 2.5 MB, and one job stored 57 MB of answer
+    # in under a second. A base64 1024x1024 PNG is about 2 MB.
+    "max_api_keys_per_user": 25,
+    "max_worker_tokens_per_user": 25,
+    "max_answer_mb": 16,
 }
 # Other processes pick up a change within this many seconds; the changing one at once.
 CACHE_SECONDS = 5.0
