@@ -41,12 +41,15 @@ def test_wrong_password_is_refused_and_logged_without_the_password(app, account)
     assert "not my password" not in event.message
 
 
-def test_repeated_failures_lock_the_account_for_a_while(app, account):
+def test_repeated_failures_lock_that_address_out_of_the_account_for_a_while(app, account):
     client = app.test_client()
     for _ in range(5):
         assert sign_in(client, account.email, "guess").status_code == 401
-    r = sign_in(client, account.email)  # even the right password waits now
+    r = sign_in(client, account.email)  # even the right password waits now, from this address
     assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    elsewhere = app.test_client()
+    elsewhere.environ_base["REMOTE_ADDR"] = "198.51.100.7"
+    assert sign_in(elsewhere, account.email).status_code == 302  # the real user is not locked out
 
 
 def test_forms_need_a_csrf_token(app, account, browser):

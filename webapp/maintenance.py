@@ -10,7 +10,7 @@ from flask import current_app
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
-from . import budget, jobs, limits, settings, usage
+from . import budget, jobs, limits, settings, signin, usage
 from .db import db, upsert_add
 from .models import TERMINAL, Chunk, Event, Job, Usage, UsageDaily, utcnow
 
@@ -49,6 +49,7 @@ def purge(now: dt.datetime | None = None, max_batches: int | None = None) -> dic
             done["jobs"] += s.execute(delete(Job).where(Job.id.in_(ids))).rowcount
     done["buckets"] = limits.purge_buckets(now)
     done["held"] = budget.purge(now)
+    done["signin"] = signin.purge(now)
     with db.begin() as s:
         done["events"] = s.execute(
             delete(Event).where(Event.created_at < now - dt.timedelta(days=EVENT_KEEP_DAYS))).rowcount
