@@ -25,6 +25,7 @@ from typing import Any
 import requests
 import urllib3
 
+from .outbound import UnsafeRequest, outbound_request
 from .retry import describe_error
 
 Event = dict[str, Any]
@@ -90,6 +91,8 @@ class BackendConfig:
     upstream_url: str = ""
     upstream_key: str = ""
     echo_delay: float = 0.0
+    # Off by default: an upstream that fetches image URLs would reach this machine's network.
+    allow_private_image_urls: bool = False
     # Long: a big prompt can take minutes before the first token; the gateway's own
     # deadline stops a job that truly hangs.
     read_timeout: float = 600.0
@@ -165,6 +168,10 @@ def run_openai(request: dict[str, Any], config: BackendConfig, stop: StopSignal)
     """Stream the job through an OpenAI-compatible /chat/completions upstream."""
     if stop.is_set():
         return
+    try:
+        request = outbound_request(request, config.allow_private_image_urls)
+    except UnsafeRequest as exc:
+        raise BackendError("invalid_request", str(exc)) from None
     body = {**request, "stream": True, "stream_options": {"include_usage": True}}
     response = _open_stream(config, body)
     reading = True

@@ -21,6 +21,7 @@ log = logging.getLogger("pollclient")
 
 MAX_MODELS = 64  # the protocol's limit per claim
 MAX_CAPACITY = 256
+TRUE = ("1", "true", "yes", "on")
 
 EPILOG = """\
 examples:
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "[env POLLCLIENT_UPSTREAM_URL]")
     add("--upstream-key", metavar="KEY", default=_env("UPSTREAM_KEY", ""),
         help="API key for the upstream, sent as a Bearer token [env POLLCLIENT_UPSTREAM_KEY]")
+    add("--allow-private-image-urls", action="store_true",
+        default=(_env("ALLOW_PRIVATE_IMAGE_URLS") or "").lower() in TRUE,
+        help="let the upstream fetch image URLs on private, loopback and link-local addresses (this "
+        "machine's network); off by default, as any gateway user writes those URLs "
+        "[env POLLCLIENT_ALLOW_PRIVATE_IMAGE_URLS=1]")
     add("--max-concurrent", metavar="N", type=_number(1, MAX_CAPACITY, int), default=_env("MAX_CONCURRENT", "1"),
         help="jobs run at once [env POLLCLIENT_MAX_CONCURRENT, default 1]")
     add("--echo-delay", metavar="SECONDS", type=_number(0), default=_env("ECHO_DELAY", "0"),
@@ -181,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     session.mount("https://", adapter)
     config = BackendConfig(
         upstream_url=args.upstream_url or "", upstream_key=args.upstream_key or "",
-        echo_delay=args.echo_delay, session=session,
+        echo_delay=args.echo_delay, allow_private_image_urls=args.allow_private_image_urls, session=session,
     )
     gateway = Gateway(args.api_url, args.token)
     try:

@@ -1,14 +1,19 @@
-// The userscript manager's API for tests, in the page: storage in localStorage (seeded once
-// from window.__PG_SEED__), GM_xmlhttpRequest on fetch. Chromium runs with web security
-// off, standing in for the manager's own cross-origin requests.
-(() => {
+// The userscript manager's API for tests: an expression, called with the seed settings, that
+// returns GM_getValue, GM_setValue and GM_xmlhttpRequest for the script's own scope (never
+// the page's window, as a manager does). With `persist`, storage lives in the page's
+// localStorage, so a reload or a second tab sees it; without, in this closure only, out of
+// the page's reach like a manager's storage. Requests go through the page's fetch as it
+// was before the page's scripts ran; Chromium runs with web security off, standing in for
+// the manager's own cross-origin requests.
+((seed, { persist = true } = {}) => {
   const KEY = "__pollgate_gm__";
-  const store = JSON.parse(localStorage.getItem(KEY) || "null") || { ...(window.__PG_SEED__ || {}) };
-  const save = () => localStorage.setItem(KEY, JSON.stringify(store));
+  const fetch = window.fetch.bind(window);
+  const store = (persist && JSON.parse(localStorage.getItem(KEY) || "null")) || { ...seed };
+  const save = () => persist && localStorage.setItem(KEY, JSON.stringify(store));
   save();
-  window.GM_getValue = (name, fallback) => (name in store ? store[name] : fallback);
-  window.GM_setValue = (name, value) => { store[name] = value; save(); };
-  window.GM_xmlhttpRequest = (details) => {
+  const GM_getValue = (name, fallback) => (name in store ? store[name] : fallback);
+  const GM_setValue = (name, value) => { store[name] = value; save(); };
+  const GM_xmlhttpRequest = (details) => {
     const controller = new AbortController();
     (async () => {
       try {
@@ -39,4 +44,5 @@
     })();
     return { abort: () => controller.abort() };
   };
-})();
+  return { GM_getValue, GM_setValue, GM_xmlhttpRequest };
+})

@@ -126,6 +126,52 @@ def test_openai_backend_relays_tool_calls_an_upstream_left_loose(app, account, l
     assert [r.state for r in job_rows(app)] == ["completed"]
 
 
+def image_prompt(url: str) -> list[dict]:
+    """A user message pointing at an image, with keys no OpenAI message has (a client may send anything)."""
+    return [{"role": "user", "x_vendor": {"callback": "http://169.254.169.254/latest/meta-data/"}, "content": [
+        {"type": "text", "text": "what is this?", "cache_control": {"type": "ephemeral"}},
+        {"type": "image_url", "image_url": {"url": url, "x_fetch_via": "http://10.0.0.1/"}},
+    ]}]
+
+
+def test_image_urls_on_the_workers_network_never_reach_the_upstream(app, account, live):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-chat"):
+            wait_for_models(client, "fake-chat")
+            refused = {}
+            for host in ("169.254.169.254", "localhost:8080", "[::ffff:127.0.0.1]"):
+                with pytest.raises(openai.BadRequestError) as refused[host]:
+                    client.chat.completions.create(model="fake-chat", messages=image_prompt(f"http://{host}/x.png"))
+            public = client.chat.completions.create(model="fake-chat",
+                                                    messages=image_prompt("http://93.184.216.34/cat.png"))
+    for host, err in refused.items():
+        name = host.split(":8080")[0].strip("[]")
+        assert f"the image host {name} is a private, loopback, link-local or reserved address" in err.value.message
+    posted = [r["body"] for r in upstream.requests if r["method"] == "POST"]
+    assert public.choices[0].message.content == ANSWER and len(posted) == 1  # only the public image went on
+    assert posted[0]["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://93.184.216.34/cat.png"}},
+    ]}]
+    assert [(r.state, r.error_code) for r in job_rows(app)] == [("failed", "invalid_request")] * 3 + [
+        ("completed", None)]
+
+
+def test_the_owner_may_let_private_image_urls_through(app, account, live):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-chat", "--allow-private-image-urls"):
+            wait_for_models(client, "fake-chat")
+            reply = client.chat.completions.create(model="fake-chat", messages=image_prompt("http://10.0.0.7/x.png"))
+    assert reply.choices[0].message.content == ANSWER
+    posted = next(r["body"] for r in upstream.requests if r["method"] == "POST")
+    assert posted["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": "http://10.0.0.7/x.png"}}
+    assert "x_vendor" not in posted["messages"][0]  # unknown keys are dropped with the flag too
+
+
 @pytest.mark.parametrize("model, status", [("fake-429", 429), ("fake-context", 400), ("fake-400", 400)])
 def test_upstream_errors_reach_the_client_as_openai_errors(app, account, live, model, status):
     client = api(live, account.key)

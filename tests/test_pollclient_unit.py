@@ -31,6 +31,7 @@ from pollclient.backends import (
     split_words,
     upstream_http_error,
 )
+from pollclient.outbound import UnsafeRequest, check_image_url, outbound_request, resolve_host
 from pollclient.retry import Backoff, polite_delay
 from tests.fake_upstream import (ANSWER, LONG_ID_TOOL_CALLS, REASONING, TOOL_ARGUMENTS, FakeUpstream,
                                  start_fake_upstream)
@@ -369,6 +370,104 @@ def test_list_upstream_models(upstream: FakeUpstream) -> None:
         wrong.session.close()
 
 
+# -- what reaches the upstream ----------------------------------------------------------
+
+FAKE_DNS = {
+    "cdn.example": ["93.184.216.34", "2606:2800:220:1::1"],
+    "half-internal.example": ["93.184.216.34", "10.1.2.3"],  # every address counts, not the first
+    "metadata.example": ["169.254.169.254"],
+    "nas.example": ["fd00::12"],
+}
+
+
+def fake_resolve(host: str) -> list[str]:
+    if host not in FAKE_DNS:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return FAKE_DNS[host]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/cat.png", "http://127.1.2.3:8080/cat.png", "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.5/", "http://172.16.0.1/", "http://192.168.1.1/", "http://100.64.0.1/", "http://0.0.0.0/",
+    "http://224.0.0.1/", "http://240.0.0.1/", "http://255.255.255.255/",
+    "http://[::1]/", "http://[::]/", "http://[fd00::1]/", "http://[fe80::1%25eth0]/", "http://[ff02::1]/",
+    "http://[::ffff:127.0.0.1]/", "http://[::ffff:a9fe:a9fe]/", "http://[2002:7f00:1::]/", "http://[64:ff9b::a9fe:a9fe]/",
+    "http://metadata.example/", "https://nas.example/x.png", "http://half-internal.example/cat.png",
+    "http://nowhere.example/cat.png",  # a host this worker cannot vet is not sent on
+    "file:///etc/passwd", "ftp://93.184.216.34/cat.png", "gopher://93.184.216.34/", "//93.184.216.34/cat.png",
+    "http://169.254.169.254\\@cdn.example/", "http://user:pw@cdn.example/cat.png", "http://cdn.example /x", "http://[::1/x.png", 42,
+])
+def test_image_urls_on_private_networks_are_refused(url: Any) -> None:
+    with pytest.raises(UnsafeRequest, match=r"^messages\[0\]\.content\[1\]\.image_url\.url"):
+        check_image_url(url, "messages[0].content[1].image_url.url", fake_resolve)
+
+
+@pytest.mark.parametrize("url", [
+    "http://93.184.216.34/cat.png", "https://[2606:4700:4700::1111]/cat.png", "https://cdn.example:8443/cat.png",
+    "data:image/png;base64,iVBORw0KGgo=", "DATA:image/png;base64,iVBORw0KGgo=",
+])
+def test_public_and_inline_image_urls_pass(url: str) -> None:
+    check_image_url(url, "url", fake_resolve)
+
+
+@pytest.mark.parametrize("host", ["localhost", "2852039166", "0x7f.1"])  # 2852039166 is 169.254.169.254
+def test_names_are_resolved_here_and_loopback_ones_refused(host: str) -> None:
+    assert resolve_host(host)  # the machine's own resolver, as the upstream's would read them
+    with pytest.raises(UnsafeRequest, match=f"the image host {host} is a private"):
+        check_image_url(f"http://{host}:8080/cat.png", "url", resolve_host)
+
+
+def test_the_refusal_names_the_host_and_the_flag_turns_the_check_off() -> None:
+    request = chat("fake-chat")
+    request["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x"}}]
+    with pytest.raises(UnsafeRequest, match="169.254.169.254 is a private, loopback, link-local or reserved"):
+        outbound_request(request, resolve=fake_resolve)
+    assert outbound_request(request, allow_private_image_urls=True, resolve=fake_resolve) == request
+
+
+def test_only_the_keys_an_openai_message_may_carry_are_sent() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}", "x": 1}, "x": 2}
+    request = {"model": "m", "temperature": 0.5, "messages": [
+        {"role": "system", "content": "be brief", "x_vendor": {"callback": "http://169.254.169.254/"}},
+        {"role": "user", "name": "ann", "metadata": {"a": 1}, "content": [
+            {"type": "text", "text": "look", "cache_control": {"type": "ephemeral"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low", "x": 1}},
+            {"type": "image_url", "image_url": "https://cdn.example/cat.png"},
+            {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav", "x": 1}},
+            {"type": "file", "file": {"file_url": "http://169.254.169.254/"}}, {"type": "text"}, "not a part",
+        ]},
+        {"role": "assistant", "content": None, "tool_calls": [call], "audio": {"id": "a"}},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny", "x": 3},
+    ]}
+    assert outbound_request(request, resolve=fake_resolve) == {"model": "m", "temperature": 0.5, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "name": "ann", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "https://cdn.example/cat.png"}},
+            {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}},
+        ]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]}
+
+
+def test_openai_refuses_a_private_image_url_before_calling_the_upstream(upstream: FakeUpstream,
+                                                                        config: BackendConfig) -> None:
+    request = chat("fake-chat")
+    request["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": "http://[::1]:8080/x.png"}}]
+    with pytest.raises(BackendError) as refused:
+        list(run_openai(request, config, StopSignal()))
+    assert refused.value.as_report() == {"code": "invalid_request", "retry": False, "message": (
+        "messages[0].content[0].image_url.url: the image host ::1 is a private, loopback, link-local or reserved "
+        "address; this worker does not fetch images from its own network.")}
+    assert upstream.requests == []
+    config.allow_private_image_urls = True
+    assert joined(list(run_openai(request, config, StopSignal()))) == ANSWER
+    assert upstream.requests[-1]["body"]["messages"] == request["messages"]
+
+
 # -- the CLI as a subprocess -----------------------------------------------------------
 
 
@@ -426,7 +525,7 @@ def test_cli_help_names_the_environment_variables() -> None:
     result = run_cli("--help", POLLCLIENT_TOKEN=TOKEN, POLLCLIENT_UPSTREAM_KEY="sk-secret")
     assert result.returncode == 0
     for name in ("API_URL", "TOKEN", "BACKEND", "MODELS", "UPSTREAM_URL", "UPSTREAM_KEY", "MAX_CONCURRENT",
-                 "ECHO_DELAY", "FLUSH_INTERVAL", "POLL_WAIT", "DRAIN_TIMEOUT", "LOG_LEVEL"):
+                 "ECHO_DELAY", "FLUSH_INTERVAL", "POLL_WAIT", "DRAIN_TIMEOUT", "LOG_LEVEL", "ALLOW_PRIVATE_IMAGE_URLS"):
         assert f"POLLCLIENT_{name}" in result.stdout
     assert TOKEN not in result.stdout and "sk-secret" not in result.stdout
 

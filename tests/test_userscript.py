@@ -53,16 +53,30 @@ def fresh_arena(arena):
     arena.requests.clear()
 
 
-def worker_context(browser, origin: str, seed: dict):
-    """A browser context where every page of `origin` runs the userscript, set up with `seed`."""
+# Playwright's locators cannot enter a closed shadow root: the tests of what the worker does
+# open the panel's; the token test keeps it closed, as the script ships.
+OPEN_SHADOW_ROOTS = """const attachShadow = Element.prototype.attachShadow;
+Element.prototype.attachShadow = function (init) { return attachShadow.call(this, { ...init, mode: "open" }); };"""
+
+
+def worker_context(browser, origin: str, seed: dict, script: str | None = None, inspect: bool = True,
+                   persist: bool = True):
+    """A browser context where every page of `origin` runs the userscript, set up with `seed`.
+
+    `inspect` opens the panel's shadow root for Playwright; `persist` keeps the manager's
+    storage in the page's localStorage (for reloads and tabs), else out of the page's reach.
+    """
     # The manager's requests leave from the extension, outside the page's CSP; the shim's
     # leave from the page, so the CSP is bypassed as the manager would.
     context = browser.new_context(bypass_csp=True)
-    script = userscript.build()
+    script = script or userscript.build()
+    # The script runs in its own scope with the manager's API, as a manager runs it.
     context.add_init_script(
-        f"if (location.origin === {json.dumps(origin)}) {{ window.__PG_SEED__ = {json.dumps(seed)};\n{SHIM}\n"
+        f"if (location.origin === {json.dumps(origin)}) (() => {{ {OPEN_SHADOW_ROOTS if inspect else ''}\n"
+        f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({SHIM})({json.dumps(seed)}, "
+        f"{{ persist: {json.dumps(persist)} }});\n"
         f"const runScript = () => {{ {script} }};\n"
-        "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', runScript) : runScript(); }")
+        "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', runScript) : runScript(); })();")
     return context
 
 
@@ -224,6 +238,140 @@ def test_two_tabs_take_turns_with_one_long_poll(chromium_open, arena, account, l
     wait_state(second, "connected", timeout=20)
     assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
     context.close()
+
+
+# The site's own script (LMArena's, or an XSS there), run as the site's scripts run: it plants
+# canaries where it can read, records what passes by, and on demand reads everything it can
+# reach: the DOM through open shadow roots, every input's value, window properties, storage,
+# cookies, the URL, the title, console output, posted messages and the resources fetched.
+SITE_SPY = """(() => {
+  const seen = [];
+  window.siteCanary = "CANARY-WINDOW";
+  localStorage.setItem("site", "CANARY-LOCAL");
+  sessionStorage.setItem("site", "CANARY-SESSION");
+  for (const level of ["log", "info", "warn", "error", "debug"]) {
+    const original = console[level];
+    console[level] = (...args) => { seen.push(args.map(String).join(" ")); return original.apply(console, args); };
+  }
+  addEventListener("message", (e) => seen.push(typeof e.data === "string" ? e.data : JSON.stringify(e.data)));
+  new MutationObserver((records) => {
+    for (const r of records) {
+      seen.push(String(r.oldValue), r.attributeName ? String(r.target.getAttribute(r.attributeName)) : "");
+    }
+    seen.push(location.href, document.title);
+  }).observe(document, { subtree: true, childList: true, attributes: true, characterData: true,
+                         attributeOldValue: true, characterDataOldValue: true });
+  addEventListener("DOMContentLoaded", () => {
+    const widget = document.createElement("div");
+    widget.attachShadow({ mode: "open" }).innerHTML = "<input>";
+    widget.shadowRoot.querySelector("input").value = "CANARY-INPUT";
+    document.body.appendChild(widget);
+  });
+  window.siteSpy = () => {
+    const found = [...seen, location.href, document.title, document.cookie, JSON.stringify(history.state)];
+    const visit = (root) => {
+      found.push(root.textContent || "");
+      for (const el of root.querySelectorAll("*")) {
+        for (const attr of el.attributes) found.push(`${attr.name}=${attr.value}`);
+        if (typeof el.value === "string") found.push(el.value);
+        if (el.shadowRoot) visit(el.shadowRoot);
+      }
+    };
+    visit(document);
+    found.push(document.documentElement.outerHTML);
+    for (const storage of [localStorage, sessionStorage]) {
+      for (let i = 0; i < storage.length; i++) found.push(`${storage.key(i)}=${storage.getItem(storage.key(i))}`);
+    }
+    for (const name of Object.getOwnPropertyNames(window)) {
+      let value;
+      try { value = window[name]; } catch (e) { continue; }
+      if (typeof value === "function") {
+        const source = Function.prototype.toString.call(value);
+        if (!source.includes("[native code]")) found.push(source);
+      } else if (value && typeof value === "object" && !(value instanceof Node)) {
+        try { found.push(JSON.stringify(value)); } catch (e) { /* cyclic: window, frames, ... */ }
+      } else {
+        found.push(`${name}=${String(value)}`);
+      }
+    }
+    found.push(...performance.getEntriesByType("resource").map((entry) => entry.name));
+    const panel = document.getElementById("pollgate-panel");
+    return { text: found.join("\\n"), panel: Boolean(panel), panelRoot: panel ? panel.shadowRoot : "no panel" };
+  };
+})();"""
+
+
+class ClosedPanel:
+    """The panel's closed shadow root as a person at the screen (and DevTools) reaches it, not the page."""
+
+    def __init__(self, page):
+        self.page = page
+        self.cdp = page.context.new_cdp_session(page)
+
+    def node(self, selector: str) -> int:
+        document = self.cdp.send("DOM.getDocument", {"depth": -1, "pierce": True})["root"]
+        [host] = [n for n in _nodes(document) if "pollgate-panel" in n.get("attributes", [])]
+        [root] = host["shadowRoots"]
+        assert root["shadowRootType"] == "closed"
+        return self.cdp.send("DOM.querySelector", {"nodeId": root["nodeId"], "selector": selector})["nodeId"]
+
+    def read(self, selector: str, expression: str):
+        """Evaluate `expression` (with `this` the element) where DevTools can, inside the closed root."""
+        element = self.cdp.send("DOM.resolveNode", {"nodeId": self.node(selector)})["object"]
+        return self.cdp.send("Runtime.callFunctionOn", {
+            "objectId": element["objectId"], "returnByValue": True,
+            "functionDeclaration": f"function () {{ return {expression}; }}"})["result"]["value"]
+
+    def visible(self, selector: str) -> bool:
+        return self.read(selector, "this.checkVisibility()")
+
+    def click(self, selector: str) -> None:
+        assert self.visible(selector), f"{selector} is not shown"
+        quad = self.cdp.send("DOM.getContentQuads", {"nodeId": self.node(selector)})["quads"][0]
+        self.page.mouse.click(sum(quad[0::2]) / 4, sum(quad[1::2]) / 4)
+
+
+def _nodes(node: dict):
+    yield node
+    for child in node.get("children", []) + node.get("shadowRoots", []):
+        yield from _nodes(child)
+
+
+@pytest.mark.parametrize("entered", ["typed in the panel", "in the downloaded script"])
+def test_the_page_cannot_read_the_worker_token(chromium_open, arena, account, live, entered):
+    typed = entered == "typed in the panel"
+    seed = {"gateway": live.url, "adapter": "lmarena"}
+    script = None if typed else userscript.build(live.url, account.token)
+    context = worker_context(chromium_open, arena.url, seed, script=script, inspect=False, persist=False)
+    context.add_init_script(f"if (location.origin === {json.dumps(arena.url)}) {SITE_SPY}")
+    page = context.new_page()
+    page.goto(arena.url + "/")
+    panel = ClosedPanel(page)
+    if typed:
+        wait_state(page, "setup")
+        assert not panel.visible("[data-role=replace]")
+        panel.click("input[name=token]")
+        page.keyboard.insert_text(account.token)
+        panel.click("button[type=submit]")
+    wait_state(page, "connected", timeout=20)
+    reply = client(live, account).chat.completions.create(model="arena-text", messages=PROMPT)
+    assert reply.choices[0].message.content.startswith(ANSWER)  # the worker serves with the token
+
+    # The person sees that a token is set, and its public prefix; the form holds nothing.
+    if not typed:
+        panel.click("summary")  # open Settings
+    assert panel.read("[data-role=token-set]", "this.textContent.replace(/\\s+/g, ' ').trim()") == \
+        f"Worker token: token set ({account.token[:12]}…) Replace token"
+    assert panel.read("input[name=token]", "this.value") == "" and not panel.visible("input[name=token]")
+    panel.click("[data-role=replace]")
+    assert panel.visible("input[name=token]") and panel.read("input[name=token]", "this.value") == ""
+
+    spied = page.evaluate("siteSpy()")
+    context.close()
+    assert spied["panel"] and spied["panelRoot"] is None  # the host is there; its shadow root is closed
+    for canary in ("CANARY-WINDOW", "CANARY-LOCAL", "CANARY-SESSION", "CANARY-INPUT", "pollgate-panel"):
+        assert canary in spied["text"]  # the spy does read what the page can reach
+    assert account.token not in spied["text"] and account.token[12:] not in spied["text"]
 
 
 def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, account, live):
