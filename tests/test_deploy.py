@@ -34,6 +34,10 @@ def test_install_in_chromium_then_stream_through_passenger(site, mariadb, chromi
     page.goto(site.url + "/")
     assert page.url == site.url + "/install"  # redirected, under the sub-path
     expect(page.locator('tr[data-check="Instance folder"]')).to_contain_text("OK")
+    # The owner proves the site is theirs with the token the installer wrote at its first start.
+    token_file = os.path.join(site.instance_path, "setup-token")
+    with open(token_file) as handle:
+        page.fill("input[name=setup_token]", handle.read().strip())
     page.fill("input[name=db_host]", db.host)
     page.fill("input[name=db_port]", str(db.port))
     page.fill("input[name=db_name]", db.database)
@@ -51,6 +55,7 @@ def test_install_in_chromium_then_stream_through_passenger(site, mariadb, chromi
     expect(page.locator("code.cron").first).to_contain_text("cron/reap.py")
     config = os.path.join(site.instance_path, "pollgate.cfg")
     assert oct(os.stat(config).st_mode & 0o777) == "0o600"
+    assert not os.path.exists(token_file)
 
     # The installer is gone for good, even in a fresh process after a restart.
     site.restart()
@@ -100,21 +105,24 @@ def test_the_held_request_budget_answers_before_the_host_would(passenger_site):
     tokens = [site.flask("create-worker-token", owner).strip().splitlines()[-1]
               for owner in ("w@example.com", "v@example.com", "w@example.com")]
     site.flask("setting", "max_long_polls", "2")
-    polls = [threading.Thread(target=ProtoWorker(site.url, t).claim, kwargs={"wait": 4}) for t in tokens[:2]]
+    # Long holds, so that on a loaded machine both are still held when the third arrives, and
+    # "quick" (under half the hold) cannot be mistaken for a held request.
+    hold = 20
+    polls = [threading.Thread(target=ProtoWorker(site.url, t).claim, kwargs={"wait": hold}) for t in tokens[:2]]
     for poll in polls:
         poll.start()
     # Wait until both long-polls are held, each in its own Passenger process.
     database = sqlite3.connect(os.path.join(site.instance_path, "pollgate.db"))
-    end = time.monotonic() + 10
+    end = time.monotonic() + hold * 0.75
     while database.execute("SELECT COUNT(*) FROM held_requests").fetchone()[0] < 2:
         assert time.monotonic() < end, site.logs()
         time.sleep(0.05)
     database.close()
     started = time.monotonic()
-    third = ProtoWorker(site.url, tokens[2]).post("claim", {"models": ["echo"], "wait": 4})
+    third = ProtoWorker(site.url, tokens[2]).post("claim", {"models": ["echo"], "wait": hold})
     elapsed = time.monotonic() - started
     for poll in polls:
         poll.join()
     assert third.status_code == 429, site.logs()
     assert third.json()["error"]["code"] == "gateway_busy" and third.headers["Retry-After"] == "10"
-    assert elapsed < 2
+    assert elapsed < hold / 2

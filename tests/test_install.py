@@ -8,12 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from werkzeug.test import Client
 
 from conftest import ROOT, TEST_CONFIG, csrf, make_app, sign_in
 from webapp import accounts, create_app, installer, migrate
+from webapp.db import db
 from webapp.install_views import SiteSwitch, create_installer_app
+from webapp.models import utcnow
 
 ADMIN = {"admin_email": "Boss@Example.com", "admin_password": "a long password", "admin_password2": "a long password"}
 
@@ -25,6 +28,12 @@ def site(tmp_path, monkeypatch):
     instance = str(tmp_path / "instance")
     switch = SiteSwitch(instance, make_app=lambda: create_app({**TEST_CONFIG}, instance_path=instance))
     return switch, Client(switch), instance
+
+
+def owner(instance: str) -> dict:
+    """The setup token field, read from the instance folder as the site's owner would."""
+    with open(installer.setup_token_path(instance)) as handle:
+        return {"setup_token": handle.read().strip()}
 
 
 def db_fields(db_url: str) -> dict:
@@ -42,7 +51,7 @@ def test_web_installer_installs_then_locks_itself(site, db_url):
     page = client.get("/install")
     text = page.get_data(as_text=True)
     assert page.status_code == 200 and 'data-check="Python"' in text and "is writable" in text
-    fields = {**db_fields(db_url), "site_url": "https://example.com/api", "csrf_token": csrf(page)}
+    fields = {**db_fields(db_url), "site_url": "https://example.com/api", "csrf_token": csrf(page), **owner(instance)}
     tested = client.post("/install/test", data=fields).get_data(as_text=True)
     assert 'data-check="Claim path"' in tested
     if "mysql" in db_url:
@@ -54,6 +63,7 @@ def test_web_installer_installs_then_locks_itself(site, db_url):
     config = installer.config_path(instance)
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o600
     assert "SESSION_COOKIE_SECURE = True" in open(config).read()
+    assert not os.path.exists(installer.setup_token_path(instance))  # its job is done
     # Locked: the installer's pages are gone and a second run changes nothing.
     assert client.get("/install").status_code == 404
     before = open(config).read()
@@ -70,8 +80,8 @@ def test_web_installer_installs_then_locks_itself(site, db_url):
 
 def test_bad_database_answers_are_explained_and_nothing_is_saved(site, mariadb):
     _, client, instance = site
-    fields = {**db_fields(mariadb.new_database()), "site_url": "https://example.com", **ADMIN}
     token = csrf(client.get("/install"))
+    fields = {**db_fields(mariadb.new_database()), "site_url": "https://example.com", **ADMIN, **owner(instance)}
     wrong = client.post("/install", data={**fields, "db_password": "wrong", "csrf_token": token})
     assert wrong.status_code == 400 and "refused the user name or password" in wrong.get_data(as_text=True)
     nowhere = client.post("/install/test", data={**fields, "db_port": "1", "csrf_token": token})
@@ -90,7 +100,8 @@ def test_a_half_finished_install_resumes(site, db_url):
         accounts.create_user("boss@example.com", "the old password")
     assert not installer.installed(instance)
     token = csrf(client.get("/install"))
-    done = client.post("/install", data={**db_fields(db_url), "site_url": "", "csrf_token": token, **ADMIN})
+    done = client.post("/install", data={**db_fields(db_url), "site_url": "https://example.com/api", "csrf_token": token, **ADMIN,
+                                         **owner(instance)})
     assert done.status_code == 200, done.get_data(as_text=True)
     with create_app({**TEST_CONFIG}, instance_path=instance).app_context():
         user = accounts.find_user("boss@example.com")
@@ -102,7 +113,8 @@ def test_two_installers_at_once_do_not_both_run(site):
     token = csrf(client.get("/install"))
     with open(os.path.join(instance, "install.lock"), "w") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        busy = client.post("/install", data={"engine": "sqlite", "site_url": "", "csrf_token": token, **ADMIN})
+        busy = client.post("/install", data={"engine": "sqlite", "site_url": "https://example.com/api", "csrf_token": token, **ADMIN,
+                                             **owner(instance)})
     assert busy.status_code == 400 and "Another installation is running" in busy.get_data(as_text=True)
     assert not installer.installed(instance)
 
@@ -155,8 +167,13 @@ def test_admin_is_led_to_apply_new_migrations(tmp_path, db_url):
     app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url}, instance_path=str(tmp_path / "i"))
     with app.app_context():
         migrate.upgrade("0004")  # the previous release's schema
-        accounts.create_user("root@example.com", "correct horse battery", is_admin=True)
-        accounts.create_user("user@example.com", "correct horse battery")
+        # Rows as that release wrote them: today's model has columns that schema lacks.
+        with db.begin() as s:
+            for email, is_admin in (("root@example.com", True), ("user@example.com", False)):
+                s.execute(text("INSERT INTO users (email, password_hash, is_admin, priority, created_at) "
+                               "VALUES (:e, :h, :a, 0, :t)"),
+                          {"e": email, "h": accounts.hash_password("correct horse battery"), "a": is_admin,
+                           "t": utcnow()})
     admin = app.test_client()
     sign_in(admin, "root@example.com")
     page = admin.get("/dashboard")

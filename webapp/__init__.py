@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import time
 from typing import Any, Optional
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as defaults
+from .keyfile import shared_secret
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     if not app.config["DATABASE_URL"]:
         app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "pollgate.db")
     if not app.config["SECRET_KEY"]:
-        app.config["SECRET_KEY"] = instance_secret(app.instance_path)
+        # Never a built-in value: one made at random, once per instance, kept 0600.
+        app.config["SECRET_KEY"] = shared_secret(os.path.join(app.instance_path, "secret-key"), secrets.token_hex(32))
     _follow_site_url(app)
 
 
@@ -69,27 +70,6 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
         return {"ok": True}
 
     return app
-
-
-def instance_secret(instance_path: str) -> str:
-    """Return this instance's session key, made once at random and kept readable by its owner only."""
-    path = os.path.join(instance_path, "secret-key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # Another process made it first; it may still be writing, so wait for the whole key.
-        for _ in range(50):
-            with open(path) as handle:
-                key = handle.read().strip()
-            if len(key) == 64:
-                return key
-            time.sleep(0.1)
-        raise RuntimeError(f"{path} is not a session key; delete it to make a new one")
-    key = secrets.token_hex(32)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key)
-    log.info("made a session key in %s", path)
-    return key
 
 
 def _follow_site_url(app: Flask) -> None:

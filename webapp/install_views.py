@@ -11,8 +11,11 @@ from flask import Flask, abort, flash, redirect, render_template, request, url_f
 
 from . import installer
 from .extensions import csrf
+from .keyfile import shared_secret
 
 log = logging.getLogger(__name__)
+TOKEN_REFUSED = ("The setup token is missing or wrong, so nothing was done. Open instance/setup-token in "
+                 "cPanel's File Manager and paste its contents into the Setup token field.")
 
 
 def create_installer_app(instance_path: str) -> Flask:
@@ -22,6 +25,9 @@ def create_installer_app(instance_path: str) -> Flask:
     app.config["SECRET_KEY"] = _installer_secret(instance_path)
     app.config["WTF_CSRF_TIME_LIMIT"] = None
     csrf.init_app(app)
+    if not installer.installed(instance_path):
+        # Written on first start, so the owner finds it in the File Manager before visiting.
+        installer.setup_token(instance_path)
     from .extensions import security_headers
 
     app.after_request(security_headers)
@@ -32,20 +38,30 @@ def create_installer_app(instance_path: str) -> Flask:
         if installer.installed(instance_path):
             abort(404)
 
+    @app.before_request
+    def owner_only():
+        # Before install, whoever reaches the site first would pick its database and admin:
+        # act only for someone who can read the instance folder. The CSRF check runs first.
+        if request.method == "POST" and not installer.setup_token_matches(
+                instance_path, request.form.get("setup_token", "")):
+            return page(request.form.to_dict(), error=TOKEN_REFUSED, status=403)
+
     @app.get("/")
     def start():
-        return redirect(url_for("form"))
+        return redirect(url_for("form", token=request.args.get("token") or None))
 
-    def page(values: dict, db_checks=None, error: str = ""):
+    def page(values: dict, db_checks=None, error: str = "", status: int = 400):
         if error:
             flash(error, "error")
+        installer.setup_token(instance_path)  # the file the page points to exists, even if deleted meanwhile
         return render_template("install.html", checks=installer.environment_checks(instance_path),
-                               db_checks=db_checks, values=values), 400 if error else 200
+                               db_checks=db_checks, values=values,
+                               token_file=installer.setup_token_path(instance_path)), status if error else 200
 
     @app.get("/install")
     def form():
-        """Show the environment checks and the installation form."""
-        return page(_defaults())
+        """Show the environment checks and the installation form, its token field prefilled from ?token=."""
+        return page({**_defaults(), "setup_token": request.args.get("token", "")})
 
     @app.post("/install/test")
     def test_connection():
@@ -88,17 +104,7 @@ def _database_url(values: dict, instance_path: str) -> str:
 
 
 def _installer_secret(instance_path: str) -> str:
-    path = os.path.join(instance_path, "installer-secret")
-    os.makedirs(instance_path, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path) as handle:
-            return handle.read().strip()
-    with os.fdopen(fd, "w") as handle:
-        secret = secrets.token_hex(32)
-        handle.write(secret)
-    return secret
+    return shared_secret(os.path.join(instance_path, "installer-secret"), secrets.token_hex(32))
 
 
 class SiteSwitch:

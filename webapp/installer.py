@@ -3,24 +3,38 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hmac
 import importlib
+import ipaddress
 import os
+import re
 import secrets
 import sys
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator, Optional
-from urllib.parse import quote
+from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-
 
 from . import accounts, create_app, migrate
 from .db import db, file_lock, skip_locked_from_version
+from .keyfile import shared_secret
 from .models import User
 
 CONFIG_NAME = "pollgate.cfg"
+# The web installer acts only for whoever can read this file (see setup_token).
+SETUP_TOKEN_NAME = "setup-token"
+# MySQL's limits: 64 for a database name; 80 for a user on MariaDB (32 on MySQL 5.7,
+# which refuses longer names itself).
+MAX_DB_NAME, MAX_DB_USER = 64, 80
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}")
+IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
+# URL options that make the driver offer LOAD DATA LOCAL INFILE, which lets the server ask
+# for any file this account can read: refused wherever a database URL comes from.
+FILE_READING_OPTIONS = ("local_infile", "allow_local_infile", "client_flag")
 # What the app imports, by import name; a missing one means pip install did not run.
 PACKAGES = ("flask", "flask_login", "flask_wtf", "sqlalchemy", "pymysql", "alembic", "requests", "tiktoken")
 # A request body may be MAX_CONTENT_LENGTH (4 MiB) and travels in one packet, escaped.
@@ -71,14 +85,59 @@ def installed(instance_path: str) -> bool:
 
 
 def mysql_url(host: str, port: str, name: str, user: str, password: str) -> str:
-    """Build a MySQL URL from form fields, escaping what URLs cannot carry as is."""
+    """Build a MySQL URL from checked parts, so no field can add a host, a path or an option."""
     host, name, user = host.strip(), name.strip(), user.strip()
     if not host or not name or not user:
         raise InstallError("Give the database host, name and user (cPanel > MySQL Databases shows them).")
+    parts = {"host": _checked_host(host), "port": _checked_port(port),
+             "database": _checked_name(name, "database name", MAX_DB_NAME),
+             "username": _checked_name(user, "database user", MAX_DB_USER), "password": password}
+    url = URL.create("mysql+pymysql", **parts, query={"charset": "utf8mb4"}).render_as_string(hide_password=False)
+    # Older SQLAlchemy releases escape less when rendering: whatever does not read back as
+    # it was given must not reach the driver.
+    back = make_url(url)
+    if any(getattr(back, key) != value for key, value in parts.items()) or dict(back.query) != {"charset": "utf8mb4"}:
+        raise InstallError("The database name or user has characters a database URL cannot carry; "
+                           "use the names cPanel > MySQL Databases shows.")
+    return url
+
+
+def _checked_host(host: str) -> str:
+    """Return a host name, IPv4 or IPv6 address as the driver wants it, or explain why it is none."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare and IPV6_CHARS.fullmatch(bare):
+        try:
+            return str(ipaddress.IPv6Address(bare))
+        except ValueError:
+            pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) <= 253 and all(HOST_LABEL.fullmatch(label) for label in labels):
+        return host
+    raise InstallError(f"The database host {host!r} is not a host name or IP address: give just the name "
+                       "(such as localhost), with the port in its own field.")
+
+
+def _checked_port(port: str) -> int:
     port = port.strip() or "3306"
-    if not port.isdigit():
-        raise InstallError(f"The database port must be a number, not {port!r}.")
-    return f"mysql+pymysql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(name, safe='')}?charset=utf8mb4"
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise InstallError(f"The database port is a number from 1 to 65535 (usually 3306), not {port!r}.")
+    return int(port)
+
+
+def _checked_name(value: str, what: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InstallError(f"The {what} is longer than MySQL allows ({limit} characters).")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise InstallError(f"The {what} contains a control character; type it again.")
+    return value
+
+
+def refuse_file_reads(url: URL) -> None:
+    """Refuse a database URL whose options would let the server read this account's files."""
+    asked = [key for key in url.query if key.lower() in FILE_READING_OPTIONS]
+    if asked:
+        raise InstallError(f"The database URL sets {', '.join(asked)}: Pollgate never lets a database server "
+                           "read this account's files (LOAD DATA LOCAL INFILE). Remove the option.")
 
 
 def sqlite_url(instance_path: str) -> str:
@@ -125,9 +184,13 @@ def environment_checks(instance_path: str) -> list[Check]:
 def database_checks(url: str) -> list[Check]:
     """Connect and report the server, its claim path and the settings that matter."""
     try:
-        engine = create_engine(url, connect_args=_connect_args(url))
+        parsed = make_url(url)
+        refuse_file_reads(parsed)
+        engine = create_engine(parsed, connect_args=_connect_args(parsed))
     except (ArgumentError, ValueError) as err:
         return [Check("Database", False, f"not a database URL: {err}")]
+    except InstallError as err:
+        return [Check("Database", False, str(err))]
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
@@ -163,9 +226,13 @@ def _version_ok(version: str) -> bool:
     return (major, minor) >= (5, 7)
 
 
-def _connect_args(url: str) -> dict:
-    # A wrong host should fail in seconds, not after the OS's TCP timeout.
-    return {"connect_timeout": 5} if url.startswith("mysql") else {}
+def _connect_args(url: URL) -> dict:
+    if url.get_backend_name() not in ("mysql", "mariadb"):
+        return {}
+    # A wrong host should fail in seconds, not after the OS's TCP timeout. LOCAL INFILE would
+    # let the server we test (anyone's, before install) ask for any file this account can
+    # read; connect_args override the URL's query, so it stays off whatever the URL says.
+    return {"connect_timeout": 5, "local_infile": False}
 
 
 def describe_db_error(err: SQLAlchemyError) -> str:
@@ -189,12 +256,16 @@ def _validate(answers: Answers) -> None:
         raise InstallError("Give the first administrator's email address.")
     if accounts.password_problem(answers.admin_password):
         raise InstallError(f"The administrator's password needs at least {accounts.MIN_PASSWORD} characters.")
-    if answers.site_url and not answers.site_url.startswith(("http://", "https://")):
-        raise InstallError("The site URL starts with https:// (or http://), e.g. https://example.com/api.")
+    # Links the app hands out are built from it, never from a request's Host header.
+    site = urlsplit(answers.site_url.strip())
+    if site.scheme not in ("http", "https") or not site.netloc or site.query or site.fragment:
+        raise InstallError("Give the site's public URL, starting with https:// (or http://), "
+                           "e.g. https://example.com/api.")
     try:
-        make_url(answers.database_url)
+        url = make_url(answers.database_url)
     except ArgumentError:
         raise InstallError("The database URL is not valid.") from None
+    refuse_file_reads(url)
 
 
 @contextlib.contextmanager
@@ -234,6 +305,9 @@ def install(instance_path: str, answers: Answers) -> None:
         except OSError as err:
             raise InstallError(f"Could not write {config_path(instance_path)}: {err.strerror}. "
                                "Give the app's user write access to the instance folder.") from None
+        # The installer is locked now; a token left behind would only be a secret lying around.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(setup_token_path(instance_path))
 
 
 def _ensure_admin(email: str, password: str) -> None:
@@ -270,6 +344,23 @@ def write_config(instance_path: str, database_url: str, secret_key: str, site_ur
     # Rename last: the site counts as installed only once the whole file is there.
     os.replace(temp, path)
     return path
+
+
+def setup_token_path(instance_path: str) -> str:
+    """Return where the web installer's setup token lives."""
+    return os.path.join(instance_path, SETUP_TOKEN_NAME)
+
+
+def setup_token(instance_path: str) -> str:
+    """Return this instance's setup token, writing a new random one the first time."""
+    return shared_secret(setup_token_path(instance_path), secrets.token_urlsafe(32))
+
+
+def setup_token_matches(instance_path: str, given: str) -> bool:
+    """Tell whether a visitor pasted this instance's setup token (as Jupyter asks for its own)."""
+    token = setup_token(instance_path)
+    # An emptied file must not make an empty field the key.
+    return bool(token) and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def cron_lines(python: Optional[str] = None, root: str = ROOT) -> list[tuple[str, str]]:
