@@ -1,6 +1,7 @@
 """Fixtures: an app on SQLite and on a throwaway MariaDB, a live HTTP server, accounts."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import sys
@@ -152,16 +153,25 @@ class LiveServer:
     app: object
 
 
+@contextlib.contextmanager
+def serving(wsgi_app) -> Iterator[str]:
+    """Serve a WSGI app on a free loopback port in a thread; yield its base URL."""
+    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=30)
+        server.server_close()
+
+
 @pytest.fixture
 def live(app) -> Iterator[LiveServer]:
     """Serve the app on a free loopback port in a thread."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield LiveServer(f"http://127.0.0.1:{server.server_port}", app)
-    server.shutdown()
-    thread.join(timeout=10)
-    server.server_close()
+    with serving(app) as url:
+        yield LiveServer(url, app)
 
 
 @pytest.fixture

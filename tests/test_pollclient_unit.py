@@ -874,7 +874,10 @@ def test_worker_stops_a_cancelled_job(gateway: FakeGateway) -> None:
 def test_worker_runs_jobs_concurrently_and_batches_their_reports(gateway: FakeGateway) -> None:
     for i in range(3):
         gateway.add_job(f"job-{i}", "alpha beta gamma delta epsilon")
-    code, log = finish(start_worker(gateway.url, "--max-jobs", "3", "--max-concurrent", "2", "--echo-delay", "0.2"))
+    # Each job types a word every 0.2 s for a second; a 0.6 s flush window is sure to find
+    # words of both waiting even on a loaded machine (the default 0.05 s window may not).
+    code, log = finish(start_worker(gateway.url, "--max-jobs", "3", "--max-concurrent", "2", "--echo-delay", "0.2",
+                                    "--flush-interval", "0.6"))
     assert code == 0, log
     assert all(gateway.text(f"job-{i}") == "alpha beta gamma delta epsilon" for i in range(3))
     assert gateway.claims[0]["max_jobs"] == 2 and gateway.claims[0]["capacity"] == 2

@@ -10,9 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
-from conftest import PASSWORD, LiveServer
+from conftest import PASSWORD, LiveServer, serving
 from webapp import accounts, maintenance, signin
 from webapp.models import utcnow
 
@@ -39,13 +38,8 @@ def site(app) -> Iterator[LiveServer]:
             environ["REMOTE_ADDR"] = claimed
         return app(environ, start_response)
 
-    server = make_server("127.0.0.1", 0, claim_address, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield LiveServer(f"http://127.0.0.1:{server.server_port}", app)
-    server.shutdown()
-    thread.join(timeout=10)
-    server.server_close()
+    with serving(claim_address) as url:
+        yield LiveServer(url, app)
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ from typing import Iterator
 import pymysql
 import pytest
 import requests
-from werkzeug.serving import make_server
 
-from conftest import ROOT, TEST_CONFIG
+from conftest import ROOT, TEST_CONFIG, serving
 from webapp import create_app, installer
 from webapp.install_views import SiteSwitch
 
@@ -137,13 +136,8 @@ def served(tmp_path, monkeypatch) -> Iterator[Installer]:
     instance = str(tmp_path / "instance")
     switch = SiteSwitch(instance, make_app=lambda: create_app({**TEST_CONFIG}, instance_path=instance))
     switch.warm()  # as passenger_wsgi.py does: the first start writes the setup token
-    server = make_server("127.0.0.1", 0, switch, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield Installer(f"http://127.0.0.1:{server.server_port}", instance)
-    server.shutdown()
-    thread.join(timeout=30)
-    server.server_close()
+    with serving(switch) as url:
+        yield Installer(url, instance)
 
 
 def rogue_fields(rogue: RogueMySQL, **changes: str) -> dict:

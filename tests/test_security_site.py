@@ -223,6 +223,16 @@ def test_an_answer_past_the_size_cap_fails_and_stores_no_more(app, account, live
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_advertising_128_models_is_refused_whole(app, account, live):
+    worker = ProtoWorker(live.url, account.token, models=[f"model-{i}" for i in range(128)])
+    r = worker.post("claim", {"models": worker.models, "max_jobs": 1, "wait": 0})
+    assert r.status_code == 400 and "at most 64 items" in r.json()["error"]["message"]
+    with app.app_context(), db.read() as s:
+        assert s.scalar(select(Worker.models_json)) in (None, "", "[]")  # nothing advertised
+    assert openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key).models.list().data == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_admin_lists_come_a_page_at_a_time(app, admin):
     client, root = admin
     with app.app_context():

@@ -118,8 +118,13 @@ def test_a_client_that_hangs_up_cancels_its_job(app, account, live, stream):
     assert told["reason"] == "cancelled"
     job = only_job(app)
     assert job.state == "cancelled" and job.error_code == "client_gone"
-    with app.app_context(), db.read() as s:
-        wait_for(lambda: s.scalar(select(Usage.settled).where(Usage.job_id == job.id)) is True, what="settlement")
+
+    def settled() -> bool:
+        # A fresh read each time: one read transaction keeps seeing its first snapshot.
+        with app.app_context(), db.read() as s:
+            return s.scalar(select(Usage.settled).where(Usage.job_id == job.id)) is True
+
+    wait_for(settled, what="settlement")
 
 
 def test_a_stream_whose_worker_vanished_and_finds_no_other_ends_with_no_worker(app, account, live):
