@@ -1,9 +1,14 @@
-"""A fake LMArena for the userscript tests: a page with a model catalogue in its HTML and a
-streaming endpoint that speaks the site's line format, on 127.0.0.1.
+"""A fake arena.ai (LMArena) for the userscript tests: a page with a model catalogue in its HTML
+and a streaming endpoint that speaks the site's line format.
+
+It is served over TLS as https://arena.ai to Chromium (`host_rules()` maps the site's hosts to
+this server on loopback; the certificate is a throwaway, so contexts ignore certificate
+errors), answers https://lmarena.ai with a 301 to arena.ai as the real one does since
+2026-02, and serves generated images from https://cdn.arena.ai.
 
 The prompt picks the behaviour (the last user message, or an image prompt):
 
-    contains "draw"    answers with an image line (a2) pointing at /cat.png
+    contains "draw"    answers with an image line (a2) pointing at the CDN's cat.png
     contains "refuse"  answers with an error line (a3) about content policy
     contains "slow"    streams SLOW_PIECES text lines, SLOW_DELAY seconds apart
     contains "wait"    thinks WAIT seconds before the usual answer
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import ssl
 import threading
 import time
 from typing import Any
@@ -30,6 +37,10 @@ SLOW_PIECES = 60
 SLOW_DELAY = 0.1
 WAIT = 2.0
 SESSION = "arena-session-cookie"
+URL = "https://arena.ai"
+CDN = "https://cdn.arena.ai"
+HOSTS = ("arena.ai", "cdn.arena.ai", "lmarena.ai", "www.lmarena.ai")
+CERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_arena_tls.pem")
 # A 1x1 PNG.
 CAT_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 MODELS = [
@@ -46,10 +57,16 @@ class FakeArena:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.mode = ""
-        self.server = make_server("127.0.0.1", 0, self.wsgi, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(CERT)
+        self.server = make_server("127.0.0.1", 0, self.wsgi, threaded=True, ssl_context=tls)
+        self.url = URL
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def host_rules(self) -> str:
+        """Chromium's --host-resolver-rules that send the site's hosts to this server."""
+        return ", ".join(f"MAP {host}:443 127.0.0.1:{self.server.server_port}" for host in HOSTS)
 
     def stop(self) -> None:
         """Stop serving."""
@@ -58,11 +75,15 @@ class FakeArena:
 
     def wsgi(self, environ, start_response):
         request = Request(environ)
-        if request.path == "/":
+        host = request.host.split(":")[0]
+        if host.endswith("lmarena.ai"):  # the old name: every path moved to arena.ai
+            response = Response("", status=301, headers={"Location": URL + request.full_path.rstrip("?")})
+        elif host == "cdn.arena.ai":
+            response = Response(CAT_PNG, mimetype="image/png") if request.path == "/generated/cat.png" else \
+                Response("not found", status=404)
+        elif request.path == "/":
             response = Response(page(), mimetype="text/html")
-            response.set_cookie("arena-session", SESSION)
-        elif request.path == "/cat.png":
-            response = Response(CAT_PNG, mimetype="image/png")
+            response.set_cookie("arena-session", SESSION, secure=True, httponly=True)
         elif request.path == "/nextjs-api/stream/create-evaluation" and request.method == "POST":
             response = self.evaluate(request)
         else:
@@ -78,16 +99,16 @@ class FakeArena:
                             mimetype="application/json")
         body = request.get_json()
         self.requests.append(body)
-        return Response(lines(body["userMessage"]["content"], self.url), mimetype="text/plain")
+        return Response(lines(body["userMessage"]["content"]), mimetype="text/plain")
 
 
-def lines(prompt: str, base: str):
+def lines(prompt: str):
     """Yield the answer's lines as the site streams them."""
     if "refuse" in prompt:
         yield 'a3:"This prompt violates our content policy"\n'
         return
     if "draw" in prompt:
-        yield "a2:" + json.dumps([{"type": "image", "image": f"{base}/cat.png"}]) + "\n"
+        yield "a2:" + json.dumps([{"type": "image", "image": f"{CDN}/generated/cat.png"}]) + "\n"
     elif "slow" in prompt:
         for i in range(SLOW_PIECES):
             yield "a0:" + json.dumps(f"piece {i} ") + "\n"

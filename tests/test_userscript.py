@@ -42,9 +42,10 @@ def arena():
 
 
 @pytest.fixture(scope="module")
-def chromium_open():
-    """Chromium with web security off: the test's stand-in for the manager's cross-origin requests."""
-    yield from launch_chromium("--disable-web-security")
+def chromium_open(arena):
+    """Chromium with web security off (the test's stand-in for the manager's cross-origin
+    requests), and the site's hosts resolved to the fake site."""
+    yield from launch_chromium("--disable-web-security", f"--host-resolver-rules={arena.host_rules()}")
 
 
 @pytest.fixture(autouse=True)
@@ -58,23 +59,45 @@ def fresh_arena(arena):
 OPEN_SHADOW_ROOTS = """const attachShadow = Element.prototype.attachShadow;
 Element.prototype.attachShadow = function (init) { return attachShadow.call(this, { ...init, mode: "open" }); };"""
 
+# What a userscript manager does with a script's @match lines (Chrome's match patterns, as
+# Tampermonkey and Violentmonkey read them): run it on a page whose URL one of them matches.
+MATCHES = r"""(patterns, href) => {
+  const url = new URL(href);
+  const glob = (text) => new RegExp("^" + text.split("*").map((part) => part.replace(/[.+?^$|()[\]{}\\]/g, "\\$&")).join(".*") + "$");
+  return patterns.some((pattern) => {
+    const [, scheme, host, path] = /^(\*|https?):\/\/([^/]*)(\/.*)$/.exec(pattern) || [];
+    if (!path || (scheme === "*" ? !/^https?:$/.test(url.protocol) : url.protocol !== scheme + ":")) return false;
+    const name = host.includes(":") ? url.host : url.hostname;  // a pattern with a port matches that port
+    const wild = host.startsWith("*.") && (name === host.slice(2) || name.endsWith(host.slice(1)));
+    return (host === "*" || name === host || wild) && glob(path).test(url.pathname + url.search);
+  });
+}"""
 
-def worker_context(browser, origin: str, seed: dict, script: str | None = None, inspect: bool = True,
-                   persist: bool = True):
-    """A browser context where every page of `origin` runs the userscript, set up with `seed`.
 
-    `inspect` opens the panel's shadow root for Playwright; `persist` keeps the manager's
-    storage in the page's localStorage (for reloads and tabs), else out of the page's reach.
+def metadata(script: str, key: str) -> list[str]:
+    """The values of one key in a userscript's metadata block."""
+    block = script[:script.index("// ==/UserScript==")]
+    return re.findall(rf"^// @{key}\s+(\S+)\s*$", block, re.M)
+
+
+def worker_context(browser, seed: dict, script: str | None = None, inspect: bool = True, persist: bool = True):
+    """A browser context where the userscript, set up with `seed`, runs as a manager runs it.
+
+    It runs on the pages its own @match lines name (top frames only: @noframes), in its own
+    scope with the manager's API, whose requests honour its @connect lines. `inspect` opens
+    the panel's shadow root for Playwright; `persist` keeps the manager's storage in the
+    page's localStorage (for reloads and tabs), else out of the page's reach.
     """
     # The manager's requests leave from the extension, outside the page's CSP; the shim's
     # leave from the page, so the CSP is bypassed as the manager would.
-    context = browser.new_context(bypass_csp=True)
+    context = browser.new_context(bypass_csp=True, ignore_https_errors=True)
     script = script or userscript.build()
-    # The script runs in its own scope with the manager's API, as a manager runs it.
+    top_only = "// @noframes" in script
+    options = {"persist": persist, "connect": metadata(script, "connect")}
     context.add_init_script(
-        f"if (location.origin === {json.dumps(origin)}) (() => {{ {OPEN_SHADOW_ROOTS if inspect else ''}\n"
-        f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({SHIM})({json.dumps(seed)}, "
-        f"{{ persist: {json.dumps(persist)} }});\n"
+        f"if ((window.top === window || {json.dumps(not top_only)}) && ({MATCHES})({json.dumps(metadata(script, 'match'))}, location.href)) (() => {{\n"
+        f"{OPEN_SHADOW_ROOTS if inspect else ''}\n"
+        f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({SHIM})({json.dumps(seed)}, {json.dumps(options)});\n"
         f"const runScript = () => {{ {script} }};\n"
         "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', runScript) : runScript(); })();")
     return context
@@ -101,9 +124,9 @@ def wait_models(api, *models, present=True, timeout: float = 15) -> None:
 
 @pytest.fixture
 def arena_tab(chromium_open, arena, account, live):
-    """A signed-in fake LMArena tab with the userscript set up for this gateway and token."""
-    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    """A signed-in fake arena.ai tab with the userscript set up for this gateway and token (the
+    adapter left on auto)."""
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
     page = context.new_page()
     page.goto(arena.url + "/")
     yield page
@@ -112,6 +135,22 @@ def arena_tab(chromium_open, arena, account, live):
 
 def client(live, account) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+
+
+def test_the_script_runs_on_arena_ai_by_its_own_match_lines(chromium_open, arena, account, live):
+    """lmarena.ai answers 301 to arena.ai; the manager runs the script there by its @match
+    lines, and on no other page (the gateway's, with a generic build that does not name it)."""
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
+    page = context.new_page()
+    page.goto("https://lmarena.ai/?mode=direct")
+    assert page.url == "https://arena.ai/?mode=direct"
+    wait_state(page, "connected", timeout=20)
+    expect(page.locator("#pollgate-panel [data-role=message]")).to_have_text("lmarena adapter on arena.ai")
+    elsewhere = context.new_page()
+    elsewhere.goto(live.url + "/browser-worker")
+    assert elsewhere.evaluate("document.readyState") == "complete"
+    assert elsewhere.locator("#pollgate-panel").count() == 0 and "[Pollgate:" not in elsewhere.title()
+    context.close()
 
 
 def test_a_tab_streams_text_and_reasoning_through_the_gateway(app, arena, arena_tab, live, account):
@@ -128,7 +167,7 @@ def test_a_tab_streams_text_and_reasoning_through_the_gateway(app, arena, arena_
     assert "Pollgate: connected" in arena_tab.title() or "Pollgate: busy" in arena_tab.title()
     with app.app_context(), db.read() as s:
         worker = s.scalar(select(Worker))
-        assert worker.kind == "userscript/lmarena" and worker.site.startswith("127.0.0.1")
+        assert worker.kind == "userscript/lmarena" and worker.site == "arena.ai"
 
 
 def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_tab, live, account):
@@ -202,8 +241,8 @@ def test_closing_the_tab_mid_answer_fails_the_job_cleanly(app, arena_tab, live, 
 
 
 def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_open, arena, account, live):
-    seed = {"gateway": live.url, "token": account.token, "adapter": "lmarena"}
-    first = worker_context(chromium_open, arena.url, seed)
+    seed = {"gateway": live.url, "token": account.token}
+    first = worker_context(chromium_open, seed)
     first.new_page().goto(arena.url + "/")
     api = client(live, account)
     wait_models(api, "arena-text")
@@ -216,7 +255,7 @@ def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_op
         assert time.monotonic() < end
         time.sleep(0.05)
     first.close()  # the tab hands its job back as it goes
-    second = worker_context(chromium_open, arena.url, seed)
+    second = worker_context(chromium_open, seed)
     second.new_page().goto(arena.url + "/")
     asking.join(timeout=30)
     second.close()
@@ -225,8 +264,7 @@ def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_op
 
 
 def test_two_tabs_take_turns_with_one_long_poll(chromium_open, arena, account, live):
-    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
     first, second = context.new_page(), context.new_page()
     first.goto(arena.url + "/")
     api = client(live, account)
@@ -340,9 +378,9 @@ def _nodes(node: dict):
 @pytest.mark.parametrize("entered", ["typed in the panel", "in the downloaded script"])
 def test_the_page_cannot_read_the_worker_token(chromium_open, arena, account, live, entered):
     typed = entered == "typed in the panel"
-    seed = {"gateway": live.url, "adapter": "lmarena"}
+    seed = {"gateway": live.url}
     script = None if typed else userscript.build(live.url, account.token)
-    context = worker_context(chromium_open, arena.url, seed, script=script, inspect=False, persist=False)
+    context = worker_context(chromium_open, seed, script=script, inspect=False, persist=False)
     context.add_init_script(f"if (location.origin === {json.dumps(arena.url)}) {SITE_SPY}")
     page = context.new_page()
     page.goto(arena.url + "/")
@@ -377,8 +415,9 @@ def test_the_page_cannot_read_the_worker_token(chromium_open, arena, account, li
 def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, account, live):
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url},
+                                 script=userscript.build(live.url))
         page = context.new_page()
         page.goto(live.url + "/browser-worker")
         api = client(live, account)
@@ -395,8 +434,9 @@ def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, 
 def test_the_local_endpoint_adapter_rebuilds_loose_tool_calls(app, chromium_open, account, live):
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url, "models": "fake-tools-loose"},
+                                 script=userscript.build(live.url))
         context.new_page().goto(live.url + "/browser-worker")
         api = client(live, account)
         wait_models(api, "fake-tools-loose")
@@ -422,8 +462,9 @@ def test_a_refused_report_fails_the_job_at_once_and_the_panel_says_why(app, chro
     field = "jobs[0].chunks[0].delta.tool_calls[0].id must be at most 191 characters."
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url, "models": "fake-tools-loose"},
+                                 script=userscript.build(live.url))
         page = context.new_page()
         page.goto(live.url + "/browser-worker")
         api = client(live, account)
@@ -604,8 +645,7 @@ def test_report_timings_follow_the_lease(chromium_open):
 @pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
 def test_a_hung_report_is_abandoned_and_resent_within_the_lease(app, chromium_open, arena, account, live, proxy):
     proxy.hang_reports = {0}
-    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
     context.new_page().goto(arena.url + "/")
     api = client(live, account)
     wait_models(api, "arena-text")
@@ -630,8 +670,7 @@ def test_busy_and_broken_claim_answers_are_waited_out_and_said(chromium_open, ar
         (503, {"Content-Type": "application/json", "Retry-After": "1"}, json.dumps(upgrading).encode()),
         (200, {"Content-Type": "text/html"}, b"<html><body>Welcome to your new site!</body></html>"),
     ]
-    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
     page = context.new_page()
     page.goto(arena.url + "/")
     message = page.locator("#pollgate-panel [data-role=message]")

@@ -2,13 +2,17 @@
 // @name         Pollgate worker
 // @namespace    pollgate
 // @version      0.1.0
-// @description  Serve a Pollgate gateway's jobs from this tab: LMArena with your own session, or a local OpenAI-compatible server.
+// @description  Serve a Pollgate gateway's jobs from this tab: arena.ai (LMArena) with your own session, or a local OpenAI-compatible server.
+// @match        https://arena.ai/*
+// @match        https://*.arena.ai/*
 // @match        https://lmarena.ai/*
 // @match        https://*.lmarena.ai/*
 // @grant        GM_getValue
 // @grant        GM_setValue
 // @grant        GM_xmlhttpRequest
 // @connect      *
+// @connect      arena.ai
+// @connect      lmarena.ai
 // @connect      localhost
 // @connect      127.0.0.1
 // @run-at       document-idle
@@ -381,8 +385,9 @@ const lmarena = {
   id: "lmarena",
   capacity: 1, // one answer at a time per tab, as a person would
 
+  // The site is arena.ai since 2026-02; lmarena.ai answers 301 there (both are matched).
   matches() {
-    return /(^|\.)lmarena\.ai$/.test(location.hostname);
+    return /(^|\.)(lm)?arena\.ai$/.test(location.hostname);
   },
 
   // The catalogue sits in the page's HTML (Next.js flight data) as objects with id,

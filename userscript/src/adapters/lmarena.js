@@ -4,8 +4,9 @@ const lmarena = {
   id: "lmarena",
   capacity: 1, // one answer at a time per tab, as a person would
 
+  // The site is arena.ai since 2026-02; lmarena.ai answers 301 there (both are matched).
   matches() {
-    return /(^|\.)lmarena\.ai$/.test(location.hostname);
+    return /(^|\.)(lm)?arena\.ai$/.test(location.hostname);
   },
 
   // The catalogue sits in the page's HTML (Next.js flight data) as objects with id,
