@@ -43,12 +43,32 @@ HOSTS = ("arena.ai", "cdn.arena.ai", "lmarena.ai", "www.lmarena.ai")
 CERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_arena_tls.pem")
 # A 1x1 PNG.
 CAT_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def _model(model_id: str, name: str, output: dict, **extra: Any) -> dict:
+    return {"id": model_id, "publicName": name, "organization": "fake", "provider": "fake",
+            "capabilities": {"inputCapabilities": {"text": True}, "outputCapabilities": output}, **extra}
+
+
+# The catalogue in the shape the site's `initialModels` entries have (gpt4free's LMArena
+# provider lists real ones, 2025-2026): hidden variants, repeated public names, video, web
+# and search-only models, quotes in fields. SPLIT's entry is cut across two flight pushes.
+SPLIT = "arena-split-across-pushes"
 MODELS = [
-    {"id": "0199a1b2-text", "publicName": "arena-text", "organization": "fake", "provider": "fake",
-     "capabilities": {"inputCapabilities": {"text": True, "image": True}, "outputCapabilities": {"text": True}}},
-    {"id": "0199a1b2-image", "publicName": "arena-image", "organization": "fake", "provider": "fake",
-     "capabilities": {"inputCapabilities": {"text": True}, "outputCapabilities": {"image": True}}},
+    _model("0199a1b2-text", "arena-text", {"text": True}, userSelectable=True),
+    _model("0199a1b2-image", "arena-image", {"image": {"aspectRatios": ["1:1"]}}),
+    _model("0199a1b2-text-hidden", "arena-text", {"text": True}, userSelectable=False),  # after the visible one
+    _model("0199a1b2-twin-hidden", "arena-twin", {"text": True}, userSelectable=False),  # before the visible one
+    _model("0199a1b2-twin", "arena-twin", {"text": True}),
+    _model("0199a1b2-secret", "arena-secret", {"text": True}, userSelectable=False),
+    _model("0199a1b2-video", "arena-video", {"video": True}),
+    _model("0199a1b2-web", "arena-webdev", {"web": True}),
+    _model("0199a1b2-search-only", "arena-search-only", {"search": True}),
+    _model("0199a1b2-quoted", 'arena "quoted" model', {"text": True}, organization='O\'Brien "Labs" </script>'),
+    _model("0199a1b2-split", SPLIT, {"text": True}),
 ]
+CHAT_MODELS = ["arena-text", "arena-twin", 'arena "quoted" model', SPLIT]
+IMAGE_MODELS = ["arena-image"]
 
 
 class FakeArena:
@@ -127,8 +147,28 @@ def lines(prompt: str):
 
 
 def page() -> str:
-    """The site's page: its catalogue escaped inside Next.js flight data, as the real one is."""
-    flight = json.dumps(json.dumps({"initialModels": MODELS}))
-    return ("<!DOCTYPE html><html><head><title>Fake Arena</title></head><body><main>chat here</main>"
-            f"<script>self.__next_f = self.__next_f || []; self.__next_f.push([1, {flight}]);</script>"
-            "</body></html>")
+    """The site's page, its catalogue in the flight data as Next.js writes it: React Server
+    Components rows (`<id>:<JSON>` lines, a `T` text row without one) cut into pushes of
+    `self.__next_f.push([1, "<JSON string>"])`, escaped for a script element."""
+    props = {"initialModels": MODELS, "initialModelAId": MODELS[0]["id"], "initialModelBId": None}
+    note = "Welcome to the arena ✨\nVote for the better answer."
+    rows = ('0:{"P":null,"b":"fake-build","p":"","c":["",""],"i":false}\n'
+            '1:I[51234,["static/chunks/app-a1b2.js"],"Evaluation"]\n'
+            '2:HL["/_next/static/css/a1b2.css","style"]\n'
+            f'3:T{len(note.encode()):x},{note}'
+            f'4:["$","$L1",null,{json.dumps(props, separators=(",", ":"))}]\n')
+    cut = rows.index(f'"publicName":"{SPLIT}"')  # this entry starts in one push and ends in the next
+    pieces = [rows[:200], rows[200:cut], rows[cut:cut + 40], rows[cut + 40:]]
+    pushes = "".join(f"<script>self.__next_f.push({_script_json([1, piece])})</script>" for piece in pieces)
+    return ("<!DOCTYPE html><html><head><title>Arena</title></head><body><main>chat here</main>"
+            "<script>(self.__next_f=self.__next_f||[]).push([0])</script>"
+            f"{pushes}</body></html>")
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe inside a script element, as Next.js writes it (htmlEscapeJsonString)."""
+    text = json.dumps(value, separators=(",", ":"))
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text

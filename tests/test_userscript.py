@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import select
 
 from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
-from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
+from fake_arena import ANSWER, CAT_PNG, CHAT_MODELS, IMAGE_MODELS, REASONING, SPLIT, FakeArena
 from fake_upstream import ANSWER as LOCAL_ANSWER, LONG_ID_TOOL_CALLS, start_fake_upstream
 from support import wait_for_hangup
 from webapp import config as gateway_config
@@ -168,6 +168,22 @@ def test_a_tab_streams_text_and_reasoning_through_the_gateway(app, arena, arena_
     with app.app_context(), db.read() as s:
         worker = s.scalar(select(Worker))
         assert worker.kind == "userscript/lmarena" and worker.site == "arena.ai"
+
+
+def test_the_catalogue_is_read_from_the_flight_data(app, arena, arena_tab, live, account):
+    """What the site's picker offers, in its order: no hidden variant, no video, web or
+    search-only model; a quote in a field or an entry cut across two pushes loses nothing."""
+    api = client(live, account)
+    wait_models(api, *CHAT_MODELS, *IMAGE_MODELS)
+    with app.app_context(), db.read() as s:
+        worker = s.scalar(select(Worker))
+    assert (json.loads(worker.models_json), json.loads(worker.image_models_json)) == (CHAT_MODELS, IMAGE_MODELS)
+    # A public name the site repeats is served by its visible variant, before or after a hidden one.
+    served = {"arena-text": "0199a1b2-text", "arena-twin": "0199a1b2-twin",
+              'arena "quoted" model': "0199a1b2-quoted", SPLIT: "0199a1b2-split"}
+    for name, model_id in served.items():
+        assert api.chat.completions.create(model=name, messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+        assert arena.requests[-1]["modelAId"] == model_id
 
 
 def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_tab, live, account):

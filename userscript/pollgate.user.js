@@ -390,33 +390,42 @@ const lmarena = {
     return /(^|\.)(lm)?arena\.ai$/.test(location.hostname);
   },
 
-  // The catalogue sits in the page's HTML (Next.js flight data) as objects with id,
-  // publicName, organization, provider and capabilities.
+  // The catalogue is `initialModels` in the page's flight data: objects with id, publicName,
+  // organization, provider, capabilities (outputCapabilities: text, image, video, web,
+  // search) and userSelectable. Offered: what the site's own picker offers (not
+  // userSelectable: false), text output as chat models, image output as image models (video,
+  // web and search-only models are not chat models). A public name repeats across variants:
+  // the first visible one serves it. Parsed again only when the flight data changed.
   catalogue() {
-    const html = document.documentElement.innerHTML.replace(/\\"/g, '"');
-    const found = new Map();
-    let at = html.indexOf('"publicName"');
-    while (at !== -1) {
-      const object = enclosingObject(html, at);
-      if (object && typeof object.publicName === "string" && typeof object.id === "string") {
-        const output = (object.capabilities && object.capabilities.outputCapabilities) || {};
-        found.set(object.publicName, { id: object.id, image: Boolean(output.image) && !output.text });
-      }
-      at = html.indexOf('"publicName"', at + 1);
+    const payload = flightPayload();
+    if (this.cached && this.cached.payload === payload) return this.cached.models;
+    const models = new Map();
+    for (const entry of flightModels(payload)) {
+      if (!entry || typeof entry.id !== "string" || typeof entry.publicName !== "string") continue;
+      if (entry.userSelectable === false) continue;
+      const output = (entry.capabilities && entry.capabilities.outputCapabilities) || {};
+      const model = { id: entry.id, chat: Boolean(output.text), image: Boolean(output.image), search: Boolean(output.search) };
+      const name = rscString(entry.publicName);
+      if ((model.chat || model.image) && !models.has(name)) models.set(name, model);
     }
-    return found;
+    this.cached = { payload, models };
+    return models;
   },
 
   async models() {
-    const catalogue = this.catalogue();
     const chat = [], image = [];
-    for (const [name, model] of catalogue) (model.image ? image : chat).push(name);
+    for (const [name, model] of this.catalogue()) {
+      if (model.chat) chat.push(name);
+      if (model.image) image.push(name);
+    }
     return { chat, image };
   },
 
   async run(job, out, signal) {
     const model = this.catalogue().get(job.model);
-    if (!model) throw new WorkerError("model_not_found", `This tab's LMArena catalogue has no model '${job.model}'.`);
+    if (!model || !(job.kind === "image" ? model.image : model.chat)) {
+      throw new WorkerError("model_not_found", `This tab's arena.ai catalogue has no ${job.kind === "image" ? "image" : "chat"} model '${job.model}'.`);
+    }
     const request = job.request;
     const { text, images } = job.kind === "image"
       ? { text: request.prompt, images: [] }
@@ -548,33 +557,70 @@ function siteError(text) {
   return new WorkerError("upstream_error", `LMArena: ${text}`);
 }
 
-// The smallest JSON object around position `at`, found by matching braces outside strings.
-function enclosingObject(text, at) {
-  for (let start = text.lastIndexOf("{", at); start !== -1 && at - start < 4000; start = text.lastIndexOf("{", start - 1)) {
-    const end = matchingBrace(text, start);
-    if (end > at) {
-      try {
-        return JSON.parse(text.slice(start, end + 1));
-      } catch (e) {
-        return null;
-      }
-    }
+// The page's flight data, as Next.js streams it into the HTML: <script>self.__next_f.push([1,
+// "..."])</script>, each push a JSON array whose string is the next piece of the React Server
+// Components payload. Read from the page's scripts as data (the DOM is the same in a
+// manager's sandbox; the page's globals may not be) and joined, since a row can span pushes.
+const FLIGHT_PUSH = /^\s*(?:\(self\.__next_f\s*=\s*self\.__next_f\s*\|\|\s*\[\]\)|self\.__next_f)\.push\(([\s\S]*)\)\s*;?\s*$/;
+
+function flightPayload() {
+  let payload = "";
+  for (const script of document.querySelectorAll("script:not([src])")) {
+    const match = FLIGHT_PUSH.exec(script.textContent);
+    if (!match) continue;
+    let push;
+    try { push = JSON.parse(match[1]); } catch (e) { continue; }
+    if (Array.isArray(push) && push[0] === 1 && typeof push[1] === "string") payload += push[1];
   }
-  return null;
+  return payload;
 }
 
-function matchingBrace(text, start) {
-  let depth = 0, inString = false;
-  for (let i = start; i < text.length && i - start < 20000; i++) {
-    const c = text[i];
-    if (inString) {
-      if (c === "\\") i++;
-      else if (c === '"') inString = false;
-    } else if (c === '"') inString = true;
-    else if (c === "{") depth++;
-    else if (c === "}" && --depth === 0) return i;
+// The `initialModels` lists in the payload's rows: `<hex id>:<JSON>` lines, except text rows,
+// `<hex id>:T<hex length in UTF-8 bytes>,<text>`, which carry no newline. Rows of other kinds
+// (I[...] modules, HL[...] hints) are skipped.
+function flightModels(payload) {
+  const found = [];
+  let at = 0;
+  while (at < payload.length) {
+    const colon = payload.indexOf(":", at);
+    if (colon === -1) break;
+    if (payload[colon + 1] === "T") {
+      const comma = payload.indexOf(",", colon);
+      if (comma === -1) break;
+      at = afterBytes(payload, comma + 1, parseInt(payload.slice(colon + 2, comma), 16) || 0);
+      continue;
+    }
+    const end = payload.indexOf("\n", colon) === -1 ? payload.length : payload.indexOf("\n", colon);
+    const row = payload.slice(colon + 1, end);
+    at = end + 1;
+    if (row[0] !== "[" && row[0] !== "{") continue;
+    try {
+      collectModels(JSON.parse(row), found, 0);
+    } catch (e) { /* a row this reader does not know */ }
   }
-  return -1;
+  return found;
+}
+
+function collectModels(value, found, depth) {
+  if (!value || typeof value !== "object" || depth > 64) return;
+  if (!Array.isArray(value) && Array.isArray(value.initialModels)) found.push(...value.initialModels);
+  for (const child of Object.values(value)) collectModels(child, found, depth + 1);
+}
+
+// The index in `text` after `bytes` UTF-8 bytes from `start`.
+function afterBytes(text, start, bytes) {
+  let at = start;
+  while (bytes > 0 && at < text.length) {
+    const code = text.codePointAt(at);
+    bytes -= code < 0x80 ? 1 : code < 0x800 ? 2 : code < 0x10000 ? 3 : 4;
+    at += code > 0xffff ? 2 : 1;
+  }
+  return at;
+}
+
+// React's flight encoding doubles a string's leading "$" (a single one marks a reference).
+function rscString(text) {
+  return text.startsWith("$$") ? text.slice(1) : text;
 }
 
 function mimeOf(url) {
