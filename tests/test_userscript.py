@@ -343,6 +343,17 @@ def test_a_gateway_built_script_reaches_the_site_images_without_a_prompt(chromiu
     context.close()
 
 
+def test_the_panel_says_once_that_each_job_lands_in_the_arena_history(arena_tab):
+    notice = arena_tab.locator("#pollgate-panel [data-role=notice]")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("Each job this tab serves starts a conversation in your arena.ai history")
+    notice.locator("button").click()
+    expect(notice).to_be_hidden()
+    arena_tab.reload()  # said once: the panel remembers it was read
+    wait_state(arena_tab, "connected")
+    expect(arena_tab.locator("#pollgate-panel [data-role=notice]")).to_be_hidden()
+
+
 def test_pause_and_resume_from_the_panel(arena_tab, live, account):
     api = client(live, account)
     wait_models(api, "arena-text")

@@ -365,7 +365,7 @@ class Reporter {
 // with the gateway URL and a worker token filled in (PRESET), copied in on first run.
 const DEFAULTS = {
   gateway: "", token: "", adapter: "auto", models: "", localUrl: "http://localhost:11434/v1",
-  capacity: 0, paused: false,
+  capacity: 0, paused: false, noticeSeen: false,
 };
 
 const settings = {
@@ -388,6 +388,8 @@ const settings = {
 const lmarena = {
   id: "lmarena",
   capacity: 1, // one answer at a time per tab, as a person would
+  notice: "Each job this tab serves starts a conversation in your arena.ai history, as if you had typed the "
+    + "prompt there yourself; the site keeps it like any other.",
 
   // The site is arena.ai since 2026-02; lmarena.ai answers 301 there (both are matched).
   matches() {
@@ -840,12 +842,15 @@ function createPanel(worker) {
              background: #fff; color: #111; border: 1px solid #bbb; border-radius: 8px; padding: 8px 10px;
              box-shadow: 0 2px 10px rgba(0,0,0,.15); max-width: 320px; }
       .state { font-weight: 600; } .message { color: #555; margin: 4px 0; white-space: pre-wrap; }
+      .notice { background: #fff8e1; border-radius: 4px; padding: 4px 6px; margin: 4px 0; }
       label { display: block; margin: 4px 0; } input, select { width: 100%; box-sizing: border-box; }
       details summary { cursor: pointer; color: #555; } [hidden] { display: none !important; }
     </style>
     <div class="box" part="box">
       <div><span class="state" data-role="state"></span> · Pollgate <button data-role="toggle"></button></div>
       <div class="message" data-role="message"></div>
+      <div class="notice" data-role="notice"><span data-role="notice-text"></span>
+        <button type="button" data-role="notice-ok">Got it</button></div>
       <details data-role="details"><summary>Settings</summary>
         <form data-role="form">
           <label>Gateway URL <input name="gateway" placeholder="https://example.com/api"></label>
@@ -871,6 +876,14 @@ function createPanel(worker) {
   };
   for (const name of FIELDS) form.elements[name].value = settings.get(name);
   showToken();
+  // What the person should know before the first job (the arena.ai history), until they say so.
+  const adapter = worker.adapter();
+  $("notice-text").textContent = (adapter && adapter.notice) || "";
+  $("notice").hidden = !(adapter && adapter.notice) || Boolean(settings.get("noticeSeen"));
+  $("notice-ok").addEventListener("click", () => {
+    settings.set("noticeSeen", true);
+    $("notice").hidden = true;
+  });
   $("replace").addEventListener("click", () => {
     showToken(true);
     form.elements.token.focus();

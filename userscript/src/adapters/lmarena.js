@@ -4,6 +4,8 @@
 const lmarena = {
   id: "lmarena",
   capacity: 1, // one answer at a time per tab, as a person would
+  notice: "Each job this tab serves starts a conversation in your arena.ai history, as if you had typed the "
+    + "prompt there yourself; the site keeps it like any other.",
 
   // The site is arena.ai since 2026-02; lmarena.ai answers 301 there (both are matched).
   matches() {
