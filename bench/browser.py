@@ -1,5 +1,5 @@
 """Time to first token through a browser worker: gunicorn + MariaDB, the userscript in headless
-Chromium on the fake LMArena, the openai client streaming.
+Chromium on the fake arena.ai, the openai client streaming.
 
     python bench/browser.py [--requests 100] [--warmup 10]
 
@@ -46,13 +46,17 @@ def main() -> int:
         base = stack.start_gateway(site)
         shim = open(os.path.join(ROOT, "tests", "gm_shim.js")).read()
         seed = {"gateway": base, "token": site.tokens[0], "adapter": "lmarena"}
+        # The real site's per-message reCAPTCHA stops every job, by design (docs/userscript.md).
+        arena.recaptcha = False
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=ARGS)
-            context = browser.new_context(bypass_csp=True)
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                                        args=ARGS + [f"--host-resolver-rules={arena.host_rules()}"])
+            context = browser.new_context(bypass_csp=True, ignore_https_errors=True)
             context.add_init_script(
-                f"if (location.origin === {json.dumps(arena.url)}) {{ window.__PG_SEED__ = {json.dumps(seed)};\n"
-                f"{shim}\nconst run = () => {{ {userscript.build()} }};\n"
-                "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', run) : run(); }")
+                f"if (location.origin === {json.dumps(arena.url)}) (() => {{\n"
+                f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({shim})({json.dumps(seed)});\n"
+                f"const run = () => {{ {userscript.build()} }};\n"
+                "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', run) : run(); })();")
             context.new_page().goto(arena.url + "/")
             client = openai.OpenAI(base_url=base + "/v1", api_key=site.key, max_retries=0, timeout=60)
             end = time.monotonic() + 30

@@ -4,8 +4,10 @@
 // localStorage, so a reload or a second tab sees it; without, in this closure only, out of
 // the page's reach like a manager's storage. Requests go through the page's fetch as it
 // was before the page's scripts ran; Chromium runs with web security off, standing in for
-// the manager's own cross-origin requests.
-((seed, { persist = true } = {}) => {
+// the manager's own cross-origin requests. `connect` is the script's @connect list: as in
+// Tampermonkey, a request to a host it does not cover (a domain covers its subdomains; `*`
+// only lets the manager ask) would wait on a prompt to the person, so here it fails at once.
+((seed, { persist = true, connect } = {}) => {
   const KEY = "__pollgate_gm__";
   const fetch = window.fetch.bind(window);
   const store = (persist && JSON.parse(localStorage.getItem(KEY) || "null")) || { ...seed };
@@ -13,8 +15,18 @@
   save();
   const GM_getValue = (name, fallback) => (name in store ? store[name] : fallback);
   const GM_setValue = (name, value) => { store[name] = value; save(); };
+  const declared = (url) => {
+    const host = new URL(url, location.href).hostname;
+    return connect.some((entry) => entry === "self" ? host === location.hostname
+      : entry !== "*" && (host === entry || host.endsWith(`.${entry}`)));
+  };
   const GM_xmlhttpRequest = (details) => {
     const controller = new AbortController();
+    if (connect && !declared(details.url)) {
+      const error = `${new URL(details.url, location.href).hostname} is not part of the @connect list`;
+      setTimeout(() => details.onerror && details.onerror({ error }), 0);
+      return { abort: () => {} };
+    }
     (async () => {
       try {
         const response = await fetch(details.url, {

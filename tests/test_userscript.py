@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import select
 
 from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
-from fake_arena import ANSWER, CAT_PNG, REASONING, FakeArena
+from fake_arena import ANSWER, CAT_PNG, CHAT_MODELS, IMAGE_MODELS, PARTIAL, REASONING, SPLIT, USAGE, FakeArena
 from fake_upstream import ANSWER as LOCAL_ANSWER, LONG_ID_TOOL_CALLS, start_fake_upstream
 from support import wait_for_hangup
 from webapp import config as gateway_config
@@ -42,15 +42,18 @@ def arena():
 
 
 @pytest.fixture(scope="module")
-def chromium_open():
-    """Chromium with web security off: the test's stand-in for the manager's cross-origin requests."""
-    yield from launch_chromium("--disable-web-security")
+def chromium_open(arena):
+    """Chromium with web security off (the test's stand-in for the manager's cross-origin
+    requests), and the site's hosts resolved to the fake site."""
+    yield from launch_chromium("--disable-web-security", f"--host-resolver-rules={arena.host_rules()}")
 
 
 @pytest.fixture(autouse=True)
 def fresh_arena(arena):
-    arena.mode = ""
-    arena.requests.clear()
+    """The site as the real one behaves, except that its reCAPTCHA requirement is off: with it
+    on (test_a_site_that_asks_for_recaptcha_...) no job can be served, by design."""
+    arena.reset()
+    arena.recaptcha = False
 
 
 # Playwright's locators cannot enter a closed shadow root: the tests of what the worker does
@@ -58,23 +61,45 @@ def fresh_arena(arena):
 OPEN_SHADOW_ROOTS = """const attachShadow = Element.prototype.attachShadow;
 Element.prototype.attachShadow = function (init) { return attachShadow.call(this, { ...init, mode: "open" }); };"""
 
+# What a userscript manager does with a script's @match lines (Chrome's match patterns, as
+# Tampermonkey and Violentmonkey read them): run it on a page whose URL one of them matches.
+MATCHES = r"""(patterns, href) => {
+  const url = new URL(href);
+  const glob = (text) => new RegExp("^" + text.split("*").map((part) => part.replace(/[.+?^$|()[\]{}\\]/g, "\\$&")).join(".*") + "$");
+  return patterns.some((pattern) => {
+    const [, scheme, host, path] = /^(\*|https?):\/\/([^/]*)(\/.*)$/.exec(pattern) || [];
+    if (!path || (scheme === "*" ? !/^https?:$/.test(url.protocol) : url.protocol !== scheme + ":")) return false;
+    const name = host.includes(":") ? url.host : url.hostname;  // a pattern with a port matches that port
+    const wild = host.startsWith("*.") && (name === host.slice(2) || name.endsWith(host.slice(1)));
+    return (host === "*" || name === host || wild) && glob(path).test(url.pathname + url.search);
+  });
+}"""
 
-def worker_context(browser, origin: str, seed: dict, script: str | None = None, inspect: bool = True,
-                   persist: bool = True):
-    """A browser context where every page of `origin` runs the userscript, set up with `seed`.
 
-    `inspect` opens the panel's shadow root for Playwright; `persist` keeps the manager's
-    storage in the page's localStorage (for reloads and tabs), else out of the page's reach.
+def metadata(script: str, key: str) -> list[str]:
+    """The values of one key in a userscript's metadata block."""
+    block = script[:script.index("// ==/UserScript==")]
+    return re.findall(rf"^// @{key}\s+(\S+)\s*$", block, re.M)
+
+
+def worker_context(browser, seed: dict, script: str | None = None, inspect: bool = True, persist: bool = True):
+    """A browser context where the userscript, set up with `seed`, runs as a manager runs it.
+
+    It runs on the pages its own @match lines name (top frames only: @noframes), in its own
+    scope with the manager's API, whose requests honour its @connect lines. `inspect` opens
+    the panel's shadow root for Playwright; `persist` keeps the manager's storage in the
+    page's localStorage (for reloads and tabs), else out of the page's reach.
     """
     # The manager's requests leave from the extension, outside the page's CSP; the shim's
     # leave from the page, so the CSP is bypassed as the manager would.
-    context = browser.new_context(bypass_csp=True)
+    context = browser.new_context(bypass_csp=True, ignore_https_errors=True)
     script = script or userscript.build()
-    # The script runs in its own scope with the manager's API, as a manager runs it.
+    top_only = "// @noframes" in script
+    options = {"persist": persist, "connect": metadata(script, "connect")}
     context.add_init_script(
-        f"if (location.origin === {json.dumps(origin)}) (() => {{ {OPEN_SHADOW_ROOTS if inspect else ''}\n"
-        f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({SHIM})({json.dumps(seed)}, "
-        f"{{ persist: {json.dumps(persist)} }});\n"
+        f"if ((window.top === window || {json.dumps(not top_only)}) && ({MATCHES})({json.dumps(metadata(script, 'match'))}, location.href)) (() => {{\n"
+        f"{OPEN_SHADOW_ROOTS if inspect else ''}\n"
+        f"const {{ GM_getValue, GM_setValue, GM_xmlhttpRequest }} = ({SHIM})({json.dumps(seed)}, {json.dumps(options)});\n"
         f"const runScript = () => {{ {script} }};\n"
         "document.readyState === 'loading' ? addEventListener('DOMContentLoaded', runScript) : runScript(); })();")
     return context
@@ -101,9 +126,9 @@ def wait_models(api, *models, present=True, timeout: float = 15) -> None:
 
 @pytest.fixture
 def arena_tab(chromium_open, arena, account, live):
-    """A signed-in fake LMArena tab with the userscript set up for this gateway and token."""
-    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    """A signed-in fake arena.ai tab with the userscript set up for this gateway and token (the
+    adapter left on auto)."""
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
     page = context.new_page()
     page.goto(arena.url + "/")
     yield page
@@ -114,21 +139,62 @@ def client(live, account) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
 
 
+def test_the_script_runs_on_arena_ai_by_its_own_match_lines(chromium_open, arena, account, live):
+    """lmarena.ai answers 301 to arena.ai; the manager runs the script there by its @match
+    lines, and on no other page (the gateway's, with a generic build that does not name it)."""
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
+    page = context.new_page()
+    page.goto("https://lmarena.ai/?mode=direct")
+    assert page.url == "https://arena.ai/?mode=direct"
+    wait_state(page, "connected", timeout=20)
+    expect(page.locator("#pollgate-panel [data-role=message]")).to_have_text("lmarena adapter on arena.ai")
+    elsewhere = context.new_page()
+    elsewhere.goto(live.url + "/browser-worker")
+    assert elsewhere.evaluate("document.readyState") == "complete"
+    assert elsewhere.locator("#pollgate-panel").count() == 0 and "[Pollgate:" not in elsewhere.title()
+    context.close()
+
+
 def test_a_tab_streams_text_and_reasoning_through_the_gateway(app, arena, arena_tab, live, account):
     api = client(live, account)
     wait_models(api, "arena-text", "arena-image")
-    chunks = list(api.chat.completions.create(model="arena-text", messages=PROMPT, stream=True))
+    chunks = list(api.chat.completions.create(model="arena-text", messages=PROMPT, stream=True,
+                                              stream_options={"include_usage": True}))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
-    assert content.startswith(ANSWER) and "[A source](https://example.org/source)" in content
-    assert reasoning == REASONING and "side B" not in content
+    # Citations (tool-call deltas, one call in two pieces, another a list) become one Sources list.
+    assert content == ANSWER + " \n\nSources:\n[1] [A source](https://example.org/source)\n" \
+        "[2] [Another \\[source\\]](https://example.org/other)\n[3] [A third](https://example.org/third)"
+    assert reasoning == REASONING and "side B" not in content  # heartbeats, side B and unknown lines left out
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == \
+        (USAGE["promptTokens"], USAGE["completionTokens"])  # the site's own counts
     sent = arena.requests[-1]
-    assert sent["modelAId"] == "0199a1b2-text" and sent["userMessage"]["content"] == "hello arena"
+    assert sent["modelAId"] == "0199a1b2-text" and sent["userMessage"] == {
+        "content": "hello arena", "experimental_attachments": [], "metadata": {}}
+    assert (sent["mode"], sent["modality"]) == ("direct-battle", "chat")
+    assert "modelBMessageId" not in sent and "recaptchaV3Token" not in sent  # one model; no token made up
     assert sent["id"][14] == "7"  # a UUIDv7, as the site's own ids
     assert "Pollgate: connected" in arena_tab.title() or "Pollgate: busy" in arena_tab.title()
     with app.app_context(), db.read() as s:
         worker = s.scalar(select(Worker))
-        assert worker.kind == "userscript/lmarena" and worker.site.startswith("127.0.0.1")
+        assert worker.kind == "userscript/lmarena" and worker.site == "arena.ai"
+
+
+def test_the_catalogue_is_read_from_the_flight_data(app, arena, arena_tab, live, account):
+    """What the site's picker offers, in its order: no hidden variant, no video, web or
+    search-only model; a quote in a field or an entry cut across two pushes loses nothing."""
+    api = client(live, account)
+    wait_models(api, *CHAT_MODELS, *IMAGE_MODELS)
+    with app.app_context(), db.read() as s:
+        worker = s.scalar(select(Worker))
+    assert (json.loads(worker.models_json), json.loads(worker.image_models_json)) == (CHAT_MODELS, IMAGE_MODELS)
+    # A public name the site repeats is served by its visible variant, before or after a hidden one.
+    served = {"arena-text": "0199a1b2-text", "arena-twin": "0199a1b2-twin",
+              'arena "quoted" model': "0199a1b2-quoted", SPLIT: "0199a1b2-split"}
+    for name, model_id in served.items():
+        assert api.chat.completions.create(model=name, messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+        assert arena.requests[-1]["modelAId"] == model_id
 
 
 def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_tab, live, account):
@@ -142,19 +208,12 @@ def test_images_as_markdown_in_chat_and_as_b64_from_the_images_endpoint(arena_ta
     assert linked.data[0].url.endswith("/cat.png")
 
 
-def test_a_site_refusal_is_a_content_filter_error(arena_tab, live, account):
+@pytest.mark.parametrize("gate, words", [("cloudflare", "security check (cloudflare) that pollgate does not perform"),
+                                         ("login_gate", "asks you to sign in")])
+def test_a_site_asking_for_a_human_pauses_the_worker(app, arena, arena_tab, live, account, admin, gate, words):
     api = client(live, account)
     wait_models(api, "arena-text")
-    with pytest.raises(openai.BadRequestError) as refused:
-        api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "refuse this"}])
-    assert refused.value.code == "content_filter" and "content policy" in refused.value.message
-
-
-@pytest.mark.parametrize("mode, words", [("challenge", "security check"), ("expired", "session expired")])
-def test_a_site_asking_for_a_human_pauses_the_worker(app, arena, arena_tab, live, account, admin, mode, words):
-    api = client(live, account)
-    wait_models(api, "arena-text")
-    arena.mode = mode
+    arena.gate = gate
     with pytest.raises(openai.InternalServerError) as failed:
         api.chat.completions.create(model="arena-text", messages=PROMPT)
     assert failed.value.status_code == 503 and failed.value.code == "worker_needs_human"
@@ -166,10 +225,133 @@ def test_a_site_asking_for_a_human_pauses_the_worker(app, arena, arena_tab, live
     admin_client, _ = admin
     assert "needs a human" in admin_client.get("/admin/").text
     # The person fixes it in the tab and resumes; nothing was solved or faked for them.
-    arena.mode = ""
+    arena.gate = ""
     arena_tab.locator("#pollgate-panel button[data-role=toggle]").click()
     wait_models(api, "arena-text")
     assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+    assert arena_tab.evaluate("window.__grecaptchaTouches") == []
+
+
+def test_a_site_that_asks_for_recaptcha_fails_the_job_and_the_worker_stops_claiming(
+        chromium_open, arena, account, live, proxy):
+    """Pollgate never makes a reCAPTCHA token, the page's own grecaptcha included: the first
+    job fails with worker_needs_human, the tab says why and pauses, and claims no more."""
+    arena.recaptcha = True  # as on the real site since 2025-12
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
+    page = context.new_page()
+    page.goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    with pytest.raises(openai.InternalServerError) as failed:
+        api.chat.completions.create(model="arena-text", messages=PROMPT)
+    assert (failed.value.status_code, failed.value.code) == (503, "worker_needs_human")
+    said = "Pollgate does not perform human checks, so this worker cannot serve arena.ai while the site asks for them."
+    assert failed.value.body["message"].startswith("arena.ai asks for a reCAPTCHA human check") and said in failed.value.body["message"]
+    wait_state(page, "needs_human")
+    expect(page.locator("#pollgate-panel [data-role=message]")).to_contain_text(said)
+    claims = len(proxy.times("claim"))
+    # The gateway heard needs_human from the pause and again from the loop going round, which
+    # then waits instead of claiming.
+    end = time.monotonic() + 15
+    while len([b for b in proxy.statuses if b["status"] == "needs_human"]) < 2:
+        assert time.monotonic() < end, proxy.statuses
+        time.sleep(0.05)
+    assert proxy.statuses[0]["message"].startswith("arena.ai asks for a reCAPTCHA human check")
+    wait_models(api, "arena-text", present=False)
+    with pytest.raises(openai.APIStatusError):  # nothing serves it now: nothing is claimed
+        api.chat.completions.create(model="arena-text", messages=PROMPT)
+    assert len(proxy.times("claim")) == claims
+    # One request reached the site, without a token; the page's grecaptcha was never touched.
+    assert [("recaptchaV3Token" in body, body["mode"]) for body in arena.requests] == [(False, "direct-battle")]
+    assert page.evaluate("window.__grecaptchaTouches") == []
+    context.close()
+
+
+@pytest.mark.parametrize("prompt, status, code, words", [
+    ("arena error please", 502, "upstream_error", "arena.ai: the site reported an error for this answer (hasArenaError)"),
+    ("say nothing", 502, "upstream_error", "arena.ai ended the answer without any text or image."),
+    ("a forbidden topic", 400, "content_filter", 'arena.ai refused this prompt (429 "prompt failed")'),
+    ("refuse this", 400, "content_filter", "arena.ai refused: This prompt violates our content policy"),
+])
+def test_a_site_failure_is_a_clear_error_and_the_worker_serves_on(arena, arena_tab, live, account, prompt, status,
+                                                                   code, words):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    with pytest.raises(openai.APIStatusError) as failed:
+        api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": prompt}])
+    assert (failed.value.status_code, failed.value.code) == (status, code)
+    assert failed.value.body["message"].startswith(words)
+    assert len(arena.requests) == 1  # none of them is retried: the same prompt would fail the same way
+    assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+
+
+def test_how_an_answer_ends(arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    # finishReason "content-filter": what came is kept, and the client is told why it stopped.
+    filtered = api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "filtered"}])
+    assert (filtered.choices[0].message.content, filtered.choices[0].finish_reason) == (PARTIAL, "content_filter")
+    # finishReason "error" after some text: the stream ends in an error, not a clean stop.
+    stream = api.chat.completions.create(model="arena-text", stream=True, messages=[{"role": "user", "content": "break"}])
+    received, error = read_until_error(stream)
+    assert received == PARTIAL and "arena.ai ended the answer with an error." in str(error)
+    # Lines framed as server-sent events ("data: a0:...") read the same; the site's usage is passed on.
+    framed = api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": "framed"}])
+    assert framed.choices[0].message.content.startswith(ANSWER) and framed.choices[0].finish_reason == "stop"
+    assert (framed.usage.prompt_tokens, framed.usage.completion_tokens) == (USAGE["promptTokens"], USAGE["completionTokens"])
+
+
+def test_the_request_names_mode_and_modality_as_the_site_does(arena, arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-search", "arena-image")
+    api.chat.completions.create(model="arena-search", messages=PROMPT)
+    api.images.generate(model="arena-image", prompt="draw a cat")
+    assert [(r["mode"], r["modality"]) for r in arena.requests] == [("direct-battle", "search"),
+                                                                   ("direct-battle", "image")]
+    # A site from before direct-battle refuses it with a 4xx naming the mode: the tab falls back
+    # to "direct" and keeps to it.
+    arena.reset()
+    arena.recaptcha, arena.modes = False, ("direct", "battle", "side-by-side")
+    for _ in range(2):
+        assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content.startswith(ANSWER)
+    assert [r["mode"] for r in arena.requests] == ["direct-battle", "direct", "direct"]
+
+
+def test_image_inputs_are_refused_before_the_site_is_asked(arena, arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model="arena-text", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(CAT_PNG).decode()}}]}])
+    assert refused.value.code == "invalid_request"
+    assert "its own upload flow, which Pollgate does not implement" in refused.value.body["message"]
+    assert arena.requests == []  # no conversation was started on the site
+
+
+def test_a_gateway_built_script_reaches_the_site_images_without_a_prompt(chromium_open, arena, account, live):
+    """The downloaded script declares only the gateway, the site's domains and localhost in
+    @connect; the site's image CDN is under them, so a b64_json job needs no prompt."""
+    script = userscript.build(live.url, account.token)
+    assert metadata(script, "connect") == ["127.0.0.1", "arena.ai", "lmarena.ai", "localhost", "127.0.0.1"]
+    context = worker_context(chromium_open, {}, script=script)
+    context.new_page().goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-image")
+    image = api.images.generate(model="arena-image", prompt="draw a cat", response_format="b64_json")
+    assert image.data[0].b64_json == base64.b64encode(CAT_PNG).decode()
+    context.close()
+
+
+def test_the_panel_says_once_that_each_job_lands_in_the_arena_history(arena_tab):
+    notice = arena_tab.locator("#pollgate-panel [data-role=notice]")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("Each job this tab serves starts a conversation in your arena.ai history")
+    notice.locator("button").click()
+    expect(notice).to_be_hidden()
+    arena_tab.reload()  # said once: the panel remembers it was read
+    wait_state(arena_tab, "connected")
+    expect(arena_tab.locator("#pollgate-panel [data-role=notice]")).to_be_hidden()
 
 
 def test_pause_and_resume_from_the_panel(arena_tab, live, account):
@@ -202,8 +384,8 @@ def test_closing_the_tab_mid_answer_fails_the_job_cleanly(app, arena_tab, live, 
 
 
 def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_open, arena, account, live):
-    seed = {"gateway": live.url, "token": account.token, "adapter": "lmarena"}
-    first = worker_context(chromium_open, arena.url, seed)
+    seed = {"gateway": live.url, "token": account.token}
+    first = worker_context(chromium_open, seed)
     first.new_page().goto(arena.url + "/")
     api = client(live, account)
     wait_models(api, "arena-text")
@@ -216,7 +398,7 @@ def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_op
         assert time.monotonic() < end
         time.sleep(0.05)
     first.close()  # the tab hands its job back as it goes
-    second = worker_context(chromium_open, arena.url, seed)
+    second = worker_context(chromium_open, seed)
     second.new_page().goto(arena.url + "/")
     asking.join(timeout=30)
     second.close()
@@ -225,8 +407,7 @@ def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_op
 
 
 def test_two_tabs_take_turns_with_one_long_poll(chromium_open, arena, account, live):
-    context = worker_context(chromium_open, arena.url, {"gateway": live.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": live.url, "token": account.token})
     first, second = context.new_page(), context.new_page()
     first.goto(arena.url + "/")
     api = client(live, account)
@@ -340,9 +521,9 @@ def _nodes(node: dict):
 @pytest.mark.parametrize("entered", ["typed in the panel", "in the downloaded script"])
 def test_the_page_cannot_read_the_worker_token(chromium_open, arena, account, live, entered):
     typed = entered == "typed in the panel"
-    seed = {"gateway": live.url, "adapter": "lmarena"}
+    seed = {"gateway": live.url}
     script = None if typed else userscript.build(live.url, account.token)
-    context = worker_context(chromium_open, arena.url, seed, script=script, inspect=False, persist=False)
+    context = worker_context(chromium_open, seed, script=script, inspect=False, persist=False)
     context.add_init_script(f"if (location.origin === {json.dumps(arena.url)}) {SITE_SPY}")
     page = context.new_page()
     page.goto(arena.url + "/")
@@ -377,8 +558,9 @@ def test_the_page_cannot_read_the_worker_token(chromium_open, arena, account, li
 def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, account, live):
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url},
+                                 script=userscript.build(live.url))
         page = context.new_page()
         page.goto(live.url + "/browser-worker")
         api = client(live, account)
@@ -395,8 +577,9 @@ def test_the_local_endpoint_adapter_serves_from_the_gateway_page(chromium_open, 
 def test_the_local_endpoint_adapter_rebuilds_loose_tool_calls(app, chromium_open, account, live):
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url, "models": "fake-tools-loose"},
+                                 script=userscript.build(live.url))
         context.new_page().goto(live.url + "/browser-worker")
         api = client(live, account)
         wait_models(api, "fake-tools-loose")
@@ -422,8 +605,9 @@ def test_a_refused_report_fails_the_job_at_once_and_the_panel_says_why(app, chro
     field = "jobs[0].chunks[0].delta.tool_calls[0].id must be at most 191 characters."
     upstream = start_fake_upstream()
     try:
-        context = worker_context(chromium_open, live.url, {"gateway": live.url, "token": account.token,
-                                                           "localUrl": upstream.url, "models": "fake-tools-loose"})
+        context = worker_context(chromium_open, {"gateway": live.url, "token": account.token,
+                                                 "localUrl": upstream.url, "models": "fake-tools-loose"},
+                                 script=userscript.build(live.url))
         page = context.new_page()
         page.goto(live.url + "/browser-worker")
         api = client(live, account)
@@ -451,24 +635,35 @@ def test_line_parser_and_message_mapping(chromium_open):
     for name in ("lines.js", "errors.js", "adapters/lmarena.js"):
         page.add_script_tag(path=os.path.join(ROOT, "userscript", "src", name))
     parsed = page.evaluate("""() => [
-        'a0:"hi"', 'ag:"think"', 'a2:[{"type":"image","image":"https://x/y.png"}]', 'a3:"bad"',
+        'a0:"hi"', 'data: ag:"think"', 'a2:[{"type":"image","image":"https://x/y.png"}]', 'a3:"bad"',
         'ad:{"finishReason":"length"}', '{"error":{"message":"nope"}}', 'b0:"other side"', 'zz:1', 'a0:broken',
-        '', 'ac:{"url":"https://s"}'
+        '', 'a2:[{"type":"heartbeat"}]', 'a0:"hasArenaError"', 'ac:{"toolCallId":"c","argsTextDelta":"{}"}'
     ].map(parseLine)""")
     assert parsed == [
         {"type": "text", "value": "hi"}, {"type": "reasoning", "value": "think"},
         {"type": "images", "value": ["https://x/y.png"]}, {"type": "error", "value": "bad"},
-        {"type": "finish", "value": "length"}, {"type": "error", "value": "nope"}, None, None, None, None,
-        {"type": "citation", "value": {"url": "https://s"}},
+        {"type": "finish", "value": {"finishReason": "length"}}, {"type": "error", "value": "nope"},
+        None, None, None, None, None,
+        {"type": "error", "value": "the site reported an error for this answer (hasArenaError)"},
+        {"type": "citation", "value": {"toolCallId": "c", "argsTextDelta": "{}"}},
     ]
+    assert page.evaluate("""() => [{finishReason: "stop", usage: {promptTokens: 3, completionTokens: 4}},
+        {finishReason: "content-filter"}, {finishReason: "unknown", usage: {promptTokens: -1}}, {finishReason: "length"}]
+        .map(finishOf)""") == [{"reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+                               {"reason": "content_filter"}, {"reason": "stop"}, {"reason": "length"}]
+    sources = page.evaluate("""() => { const c = citationList();
+        c.add({toolCallId: "a", argsTextDelta: '{"source":{"title":"T (1)",'});
+        c.add({toolCallId: "b", argsTextDelta: '{"source":[{"title":"U","url":"https://u.example/a b"},{"url":"javascript:x"}]}'});
+        c.add({toolCallId: "a", argsTextDelta: '"url":"https://t.example/(1)"}}'});
+        c.add({toolCallId: "b", argsTextDelta: '{"source":{"title":"again","url":"https://u.example/a b"}}'});
+        return c.markdown(); }""")
+    assert sources == "[1] [U](https://u.example/a%20b)\n[2] [T (1)](https://t.example/%281%29)"
     split = page.evaluate("""() => { const out = []; const s = lineSplitter((l) => out.push(l));
         s.push('a0:"he'); s.push('llo"\\na0:"x"\\n'); s.push('ad:{}'); s.end(); return out; }""")
     assert split == ['a0:"hello"', 'a0:"x"', "ad:{}"]
-    mapped = page.evaluate("""() => flattenMessages([
-        {role: "system", content: "be brief"},
-        {role: "user", content: [{type: "text", text: "what is this?"},
-                                 {type: "image_url", image_url: {url: "data:image/png;base64,AAA"}}]}])""")
-    assert mapped == {"text": "[system]\nbe brief\n\nwhat is this?", "images": ["data:image/png;base64,AAA"]}
+    mapped = page.evaluate("""() => flattenMessages([{role: "system", content: "be brief"},
+        {role: "user", content: [{type: "text", text: "what is this?"}]}])""")
+    assert mapped == "[system]\nbe brief\n\nwhat is this?"
     page.close()
 
 
@@ -513,6 +708,7 @@ class GatewayProxy:
         self.hang_reports: set[int] = set()
         self.hung: list[tuple[float, float]] = []  # (received, abandoned by the tab)
         self.canned: dict[str, list[tuple[int, dict, bytes]]] = {}
+        self.statuses: list[dict] = []  # the bodies of the worker's status calls
         handler = type("Handler", (_ProxyHandler,), {"proxy": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
@@ -553,6 +749,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.endswith("/status"):
+            self.proxy.statuses.append(json.loads(body))
         action = self.proxy.take(self.path.rsplit("/", 1)[-1])
         if action == "hang":
             self.proxy.hang(self.connection)
@@ -604,8 +802,7 @@ def test_report_timings_follow_the_lease(chromium_open):
 @pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
 def test_a_hung_report_is_abandoned_and_resent_within_the_lease(app, chromium_open, arena, account, live, proxy):
     proxy.hang_reports = {0}
-    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
     context.new_page().goto(arena.url + "/")
     api = client(live, account)
     wait_models(api, "arena-text")
@@ -630,8 +827,7 @@ def test_busy_and_broken_claim_answers_are_waited_out_and_said(chromium_open, ar
         (503, {"Content-Type": "application/json", "Retry-After": "1"}, json.dumps(upgrading).encode()),
         (200, {"Content-Type": "text/html"}, b"<html><body>Welcome to your new site!</body></html>"),
     ]
-    context = worker_context(chromium_open, arena.url, {"gateway": proxy.url, "token": account.token,
-                                                        "adapter": "lmarena"})
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
     page = context.new_page()
     page.goto(arena.url + "/")
     message = page.locator("#pollgate-panel [data-role=message]")

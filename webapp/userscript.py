@@ -18,7 +18,8 @@ def _read(name: str) -> str:
 
 
 def build(gateway: str = "", token: str = "") -> str:
-    """Return the whole userscript; with a gateway it may talk only to that host, with a token it starts set up."""
+    """Return the whole userscript; with a gateway it may talk only to that host (and the site's, and
+    localhost: header.js), with a token it starts set up."""
     gateway = gateway.rstrip("/")
     host = urlsplit(gateway).hostname if gateway else ""
     header = (_read("header.js")
@@ -26,7 +27,8 @@ def build(gateway: str = "", token: str = "") -> str:
               # The local-endpoint adapter runs on the gateway's own /browser-worker page.
               .replace("{{GATEWAY_MATCH}}", f"// @match        {gateway}/browser-worker*\n" if gateway else "")
               # The manager asks before a script reaches a host it did not declare; a generic
-              # build cannot know the gateway, so it declares any host.
+              # build cannot know the gateway, so it declares any host. header.js adds the
+              # site's own domains (subdomains included: its images) and localhost.
               .replace("{{CONNECT}}", f"// @connect      {host}\n" if host else "// @connect      *\n")
               .replace("{{UPDATE}}", f"// @updateURL    {gateway}/userscript/pollgate.user.js\n"
                                      f"// @downloadURL  {gateway}/userscript/pollgate.user.js\n" if gateway else ""))

@@ -65,8 +65,11 @@ function gmRequest({ method = "GET", url, headers = {}, body, timeout = 60000, o
   });
 }
 
+// Wait `ms`, or until `signal` aborts (at once if it already has: a wake-up that came while the
+// caller was busy is not lost).
 function sleep(ms, signal) {
   return new Promise((resolve) => {
+    if (signal && signal.aborted) return resolve();
     const timer = setTimeout(resolve, ms);
     if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); });
   });

@@ -163,8 +163,8 @@ class BrowserWorker {
     } catch (error) {
       if (!controller.signal.aborted) {
         const failure = error instanceof WorkerError ? error : new WorkerError("upstream_error", String(error.message || error));
+        if (failure.human) this.pause(failure.message, true); // before the report: not one more claim
         await reporter.finish({ error: { code: failure.code, message: failure.message, retry: failure.retry } });
-        if (failure.human) this.pause(failure.message, true);
       }
     } finally {
       reporter.stop();

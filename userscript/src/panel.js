@@ -26,12 +26,15 @@ function createPanel(worker) {
              background: #fff; color: #111; border: 1px solid #bbb; border-radius: 8px; padding: 8px 10px;
              box-shadow: 0 2px 10px rgba(0,0,0,.15); max-width: 320px; }
       .state { font-weight: 600; } .message { color: #555; margin: 4px 0; white-space: pre-wrap; }
+      .notice { background: #fff8e1; border-radius: 4px; padding: 4px 6px; margin: 4px 0; }
       label { display: block; margin: 4px 0; } input, select { width: 100%; box-sizing: border-box; }
       details summary { cursor: pointer; color: #555; } [hidden] { display: none !important; }
     </style>
     <div class="box" part="box">
       <div><span class="state" data-role="state"></span> · Pollgate <button data-role="toggle"></button></div>
       <div class="message" data-role="message"></div>
+      <div class="notice" data-role="notice"><span data-role="notice-text"></span>
+        <button type="button" data-role="notice-ok">Got it</button></div>
       <details data-role="details"><summary>Settings</summary>
         <form data-role="form">
           <label>Gateway URL <input name="gateway" placeholder="https://example.com/api"></label>
@@ -57,6 +60,14 @@ function createPanel(worker) {
   };
   for (const name of FIELDS) form.elements[name].value = settings.get(name);
   showToken();
+  // What the person should know before the first job (the arena.ai history), until they say so.
+  const adapter = worker.adapter();
+  $("notice-text").textContent = (adapter && adapter.notice) || "";
+  $("notice").hidden = !(adapter && adapter.notice) || Boolean(settings.get("noticeSeen"));
+  $("notice-ok").addEventListener("click", () => {
+    settings.set("noticeSeen", true);
+    $("notice").hidden = true;
+  });
   $("replace").addEventListener("click", () => {
     showToken(true);
     form.elements.token.focus();

@@ -2,7 +2,7 @@
 // with the gateway URL and a worker token filled in (PRESET), copied in on first run.
 const DEFAULTS = {
   gateway: "", token: "", adapter: "auto", models: "", localUrl: "http://localhost:11434/v1",
-  capacity: 0, paused: false,
+  capacity: 0, paused: false, noticeSeen: false,
 };
 
 const settings = {
