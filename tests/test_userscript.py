@@ -109,7 +109,7 @@ def state(page) -> str:
     return page.evaluate("document.querySelector('#pollgate-panel')?.dataset.state || ''")
 
 
-def wait_state(page, wanted: str, timeout: float = 15) -> None:
+def wait_state(page, wanted: str, timeout: float = 30) -> None:
     page.wait_for_function(f"document.querySelector('#pollgate-panel')?.dataset.state === {json.dumps(wanted)}",
                            timeout=timeout * 1000)
 
