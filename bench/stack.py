@@ -189,8 +189,7 @@ class Stack:
         """Serve the gateway with gunicorn as production would; return its base URL."""
         self.stop_gateway()
         port = free_port()
-        argv = [PYTHON, "-m", "gunicorn", "-w", str(self.processes), "--threads", str(self.threads), "-k", "gthread",
-                "-b", f"127.0.0.1:{port}", "--graceful-timeout", "1"]
+        argv = [PYTHON, "-m", "gunicorn", *self.gunicorn_options(), "-b", f"127.0.0.1:{port}"]
         if config:
             argv += ["-c", os.path.join(HERE, config)]
         # One pooled connection per thread, so a held request never waits for a connection.
@@ -209,6 +208,10 @@ class Stack:
                 pass
             time.sleep(0.1)
         raise RuntimeError("gunicorn did not answer /healthz within 30 s")
+
+    def gunicorn_options(self) -> list[str]:
+        """Return the gunicorn options every phase uses (a phase may add a -c hook)."""
+        return ["-w", str(self.processes), "--threads", str(self.threads), "-k", "gthread", "--graceful-timeout", "1"]
 
     def stop_gateway(self) -> None:
         """Stop gunicorn if it runs (SIGINT is its quick shutdown)."""
