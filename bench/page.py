@@ -91,8 +91,10 @@ def machine(stack: Stack) -> list[str]:
         f"OS: {release}, Linux kernel {platform.release()}",
         f"Python: {platform.python_implementation()} {platform.python_version()}",
         f"Database: {database(stack)}",
-        f"gunicorn: `{' '.join(stack.gunicorn_options())}` with `POLLGATE_DB_POOL_SIZE={stack.threads}` "
-        "(the bench's own options, not `gunicorn.conf.py`)",
+        f"gunicorn: `{' '.join(stack.gunicorn_options())} -c bench/gunicorn_bench.py` (the idle phase: "
+        f"`-c bench/count_queries.py`), `POLLGATE_DB_POOL_SIZE={stack.threads}`, "
+        f"`POLLGATE_MAX_HELD_PER_PROCESS={os.environ.get('POLLGATE_MAX_HELD_PER_PROCESS', '0')}`; "
+        "the repository's `gunicorn.conf.py` is not read",
         "Packages: " + ", ".join(f"{name} {_version(name)}" for name in PACKAGES),
         f"Code: {git_describe()}",
     ]
