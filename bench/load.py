@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 import cpu
-from latency import print_stages
+from latency import stage_row
 from stack import PYTHON, Site, Stack, utcnow
 from stats import Row, ms, spread_ms
 
@@ -51,11 +51,14 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
     stack.stop_named("pollclient")
     stack.stop_gateway()
     rows = throughput_rows(records, measure_from, stop_at, clients, workers, slots)
-    print_stages(site, [(r["start"], r["first"], r["id"]) for r in records
-                        if measure_from <= r["end"] <= stop_at and r["id"]])
+    rows.append(stage_row(site, [(r["start"], r["first"], r["id"]) for r in records
+                                 if measure_from <= r["end"] <= stop_at and r["id"]], "  TTFT stages"))
+    rows.append(Row("  CPU in cores", watch.cpu_used))
     done = sum(1 for r in records if measure_from <= r["end"] <= stop_at and not r["error"])
     if watch.server and done:
         print("  server, per completed request: " + ", ".join(f"{k} {v / done:.1f}" for k, v in watch.server.items()))
+        rows.append(Row("  server questions per request", f"{watch.server['Questions'] / done:.1f} "
+                        f"(+{watch.server['Com_admin_commands'] / done:.1f} pings)"))
     return rows
 
 
@@ -75,6 +78,7 @@ class Watch:
         self.label = label
         self.groups = stack.cpu_groups()
         self.server: dict[str, int] = {}
+        self.cpu_used = ""
 
     def __enter__(self) -> "Watch":
         self.cpu = cpu.sample(self.groups)
@@ -85,8 +89,8 @@ class Watch:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             return  # interrupted: a partial window says nothing
-        used = cpu.share(self.cpu, cpu.sample(self.groups), time.monotonic() - self.started)
-        print(f"  CPU in cores {self.label}: {used}")
+        self.cpu_used = cpu.share(self.cpu, cpu.sample(self.groups), time.monotonic() - self.started)
+        print(f"  CPU in cores {self.label}: {self.cpu_used}")
         if self.counters:
             after = self.stack.status(*self.counters)
             self.server = {k: after[k] - self.server[k] for k in self.counters}
@@ -148,7 +152,8 @@ def claims_on(stack: Stack, path: str, jobs: int, claimers: int) -> list[Row]:
           f"errors {dict(race.errors) or 0}")
     rows = [
         Row(f"claims {path}: double claims", str(doubles), "0", doubles == 0),
-        Row(f"claims {path}: {jobs} jobs", f"{race.wall:.2f} s, {rate:.0f} claims/s"),
+        Row(f"claims {path}: {jobs} jobs", f"{race.wall:.2f} s, {rate:.0f} claims/s, {race.calls} claim calls"),
+        Row(f"claims {path}: CPU in cores", watch.cpu_used),
     ]
     if race.errors or unclaimed:
         failed = f"{sum(race.errors.values())} / {unclaimed}"

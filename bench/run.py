@@ -1,10 +1,11 @@
-"""Benchmark the gateway end to end and print the figures.
+"""Benchmark the gateway end to end, print the figures and write docs/benchmarks.md.
 
-    python bench/run.py                       # everything on a throwaway MariaDB
-    python bench/run.py --db sqlite --only ttft,idle
+    python bench/run.py                       # everything on a throwaway MariaDB; writes the page
+    python bench/run.py --db sqlite --only ttft,idle    # a subset: prints only
 
 Each phase gets a fresh database and its own gunicorn (2 workers x 64 threads, gthread);
-everything started is stopped at the end, on errors and on Ctrl-C too.
+everything started is stopped at the end, on errors and on Ctrl-C too. Only a run of
+every phase writes the page, so it never mixes figures from different runs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 
+import page
 from stack import Stack
 from stats import Row, table
 
@@ -46,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gunicorn-workers", type=int, default=2, help="gunicorn -w")
     p.add_argument("--gunicorn-threads", type=int, default=64, help="gunicorn --threads (and the DB pool size)")
     p.add_argument("--keep", action="store_true", help="keep the logs and data folder")
+    p.add_argument("--page", default=page.PAGE,
+                   help="where a run of every phase writes the results page (default: docs/benchmarks.md); "
+                        "a run with --only and a subset prints only")
     args = p.parse_args(argv)
     args.only = {name.strip() for name in args.only.split(",") if name.strip()}
     unknown = args.only - set(PHASES + EXTRA)
@@ -61,7 +66,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace, stack: Stack) -> list[Row]:
+def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
     """Run the chosen phases in order and collect their rows."""
     from idle import run_idle
     from latency import run_latency, run_restart
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace, stack: Stack) -> list[Row]:
     stack.start_database()
     for name, wanted, phase in phases:
         if args.only & wanted:
+            clock.phase(name)
             started = time.monotonic()
             print(f"{name} ...", flush=True)
             rows += phase()
@@ -98,21 +104,32 @@ def describe(stack: Stack) -> str:
     return f"Pollgate bench: {db}, Python {platform.python_version()}, {os.cpu_count()} cores, {now}"
 
 
+def sizes(args: argparse.Namespace) -> dict[str, str]:
+    """Return the run's sizes as the page's method text quotes them."""
+    return {
+        "ttft_requests": str(args.ttft_requests), "warmup_requests": str(args.warmup_requests),
+        "relay_chunks": str(args.relay_chunks), "relay_rate": f"{args.relay_rate:g}",
+        "idle_seconds": f"{args.idle_seconds:g}", "workers": str(args.workers), "slots": str(args.slots),
+        "clients": str(args.clients), "client_procs": str(args.client_procs), "seconds": f"{args.seconds:g}",
+        "warmup_seconds": f"{args.warmup_seconds:g}", "claim_jobs": f"{args.claim_jobs:,}",
+        "claimers": str(args.claimers), "claim_paths": " and ".join(f"`{x}`" for x in args.claim_paths),
+        "processes": str(args.gunicorn_workers), "threads": str(args.gunicorn_threads),
+    }
+
+
 def main() -> int:
-    """Run the benchmarks and print the table; always stop what was started."""
+    """Run the benchmarks, print the table and, after a full run, write the page; always stop what was started."""
     args = parse_args()
     # A shell starts background jobs with SIGINT ignored; Ctrl-C and kill -INT must still work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
+    clock = page.Clock()
     stack = Stack(args.db, keep=args.keep, processes=args.gunicorn_workers, threads=args.gunicorn_threads)
-    started = time.monotonic()
     try:
-        rows = run(args, stack)
-        title = describe(stack) + f", {time.monotonic() - started:.0f} s"
-        print()
-        print(table(rows, title))
-        return 0  # figures, not a test: a missed target shows in the table, not the status
+        rows = run(args, stack, clock)
+        title = describe(stack)
+        machine = page.machine(stack)  # asks the database, so before it stops
     except KeyboardInterrupt:
         print("interrupted; stopping everything", file=sys.stderr)
         return 130
@@ -123,6 +140,16 @@ def main() -> int:
         if stack.keep:
             print(f"logs and data kept in {stack.dir}", file=sys.stderr)
         stack.stop()
+    clock.finish()  # after stop(): every child has been waited for, so its CPU is counted
+    print()
+    print(table(rows, f"{title}, {clock.seconds:.0f} s"))
+    print(clock.describe())
+    if set(PHASES) <= args.only:
+        page.write(args.page, page.render(rows, machine, clock, sizes(args)))
+        print(f"wrote {args.page}")
+    else:
+        print("a subset of the phases ran: the page is left alone (run every phase to write it)")
+    return 0  # figures, not a test: a missed target shows in the table, not the status
 
 
 if __name__ == "__main__":
