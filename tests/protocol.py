@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import requests
@@ -69,37 +70,62 @@ def echo_handler(worker: ProtoWorker, job: dict) -> None:
 
 
 class WorkerThread:
-    """Run a ProtoWorker in the background, handing each job to a handler function."""
+    """Run a ProtoWorker in the background, handing each job to a handler function.
+
+    Leaving the `with` block stops claiming, waits for running handlers, and raises the first
+    error a claim or a handler hit, unless the test says it expects some (expect_errors=True)
+    and reads `.errors` itself.
+    """
 
     def __init__(self, base: str, token: str, handler: Callable[[ProtoWorker, dict], None] = echo_handler,
-                 models=("echo",)) -> None:
+                 models=("echo",), expect_errors: bool = False) -> None:
         self.worker = ProtoWorker(base, token, models)
         self.handler = handler
+        self.expect_errors = expect_errors
         self.stopping = threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.jobs: list[threading.Thread] = []
 
     def __enter__(self) -> "WorkerThread":
         # Advertise the models at once so /v1/models lists them before the first request.
-        self.worker.claim(wait=0)
+        for job in self.worker.claim(wait=0):
+            self._start(job)
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stopping.set()
-        self.thread.join(timeout=10)
+        # A claim waits at most 0.5 s; handlers get a bound, so a stuck one cannot hang the test.
+        bound = 30 if exc_type is None else 5
+        end = time.monotonic() + bound
+        self.thread.join(timeout=bound)
+        for thread in self.jobs:  # complete now: the claim loop has ended
+            thread.join(timeout=max(0.01, end - time.monotonic()))
+        stuck = [t for t in [self.thread, *self.jobs] if t.is_alive()]
+        if exc_type is not None or self.expect_errors:
+            return  # the test's own failure says more; or the test reads .errors itself
+        if self.errors:
+            raise AssertionError(f"the worker thread hit {len(self.errors)} error(s): {self.errors!r}") from self.errors[0]
+        assert not stuck, f"{len(stuck)} worker handler(s) still running {bound} s after the test ended"
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
             try:
                 for job in self.worker.claim(max_jobs=4, wait=0.5):
-                    threading.Thread(target=self._run, args=(job,), daemon=True).start()
-            except requests.RequestException as err:  # the server is shutting down
+                    self._start(job)
+            except BaseException as err:  # raised by __exit__
                 self.errors.append(err)
                 return
+
+    def _start(self, job: dict) -> None:
+        thread = threading.Thread(target=self._run, args=(job,), daemon=True)
+        self.jobs.append(thread)
+        thread.start()
 
     def _run(self, job: dict) -> None:
         try:
             self.handler(self.worker, job)
-        except BaseException as err:  # surfaced by tests that check .errors
+        except BaseException as err:  # raised by __exit__
             self.errors.append(err)
+

@@ -1,6 +1,7 @@
 """Queue semantics on SQLite and MariaDB: claims, leases, reports, releases, the reaper."""
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -11,7 +12,7 @@ import requests
 from sqlalchemy import func, select
 
 from conftest import make_account
-from protocol import ProtoWorker
+from protocol import ProtoWorker, WorkerThread
 from webapp import jobs
 from webapp.db import skip_locked_from_version
 from webapp.models import Chunk, Job, Worker
@@ -370,3 +371,22 @@ def test_newer_long_poll_retires_the_older_one(app, account, live):
     assert answers[0]["jobs"] == [] and answers[0]["superseded"] is True
     assert len(claimed) == 1  # the job went to the live poll, not the retired one
     assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("expected", [False, True])
+def test_the_test_worker_raises_what_its_handler_hit_unless_told_to_expect_it(app, account, live, expected):
+    def broken(worker, job):
+        raise RuntimeError("a bug in the handler")
+
+    [job_id] = submit(app, account)
+    worker = WorkerThread(live.url, account.token, broken, expect_errors=expected)
+    with contextlib.ExitStack() as raised:
+        if not expected:
+            raised.enter_context(pytest.raises(AssertionError, match="a bug in the handler"))
+        with worker:
+            end = time.monotonic() + 30
+            while job_row(app, job_id).state != "running":
+                assert time.monotonic() < end, "the job was never claimed"
+                time.sleep(0.02)
+    assert [str(e) for e in worker.errors] == ["a bug in the handler"]
