@@ -1,9 +1,12 @@
-"""A small worker written straight from docs/worker-protocol.md, for driving tests over HTTP."""
+"""A small worker written straight from docs/worker-protocol.md, and a raw stream reader, for driving tests over HTTP."""
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import requests
 
@@ -129,3 +132,83 @@ class WorkerThread:
         except BaseException as err:  # raised by __exit__
             self.errors.append(err)
 
+
+class StreamReader:
+    """One streamed chat completion read raw over HTTP in a thread: every line on the wire and when it came.
+
+    Comment lines (": keep-alive") are kept as they are; `contents` gives each content
+    delta with its arrival time. `base` may carry a path (/api under Passenger).
+    """
+
+    def __init__(self, base: str, key: str, content: str, model: str = "echo", timeout: float = 60) -> None:
+        parts = urlsplit(base)
+        self.path = parts.path.rstrip("/") + "/v1/chat/completions"
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self.body = {"model": model, "stream": True, "messages": [{"role": "user", "content": content}]}
+        self.key = key
+        self.status: Optional[int] = None
+        self.lines: list[tuple[float, str]] = []
+        self.error: Optional[BaseException] = None
+        self.news = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn.request("POST", self.path, body=json.dumps(self.body),
+                              headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            self.status = response.status
+            pending = b""
+            # read1 hands over what has arrived, so each line's time is when its bytes came.
+            while data := response.read1(65536):
+                at = time.monotonic()
+                *complete, pending = (pending + data).split(b"\n")
+                with self.news:
+                    self.lines.extend((at, line.decode()) for line in complete if line)
+                    self.news.notify_all()
+        except BaseException as err:  # the test reads .error
+            self.error = err
+        finally:
+            self.conn.close()
+            with self.news:
+                self.news.notify_all()
+
+    def wait_until(self, condition: Callable[["StreamReader"], Any], timeout: float, what: str) -> Any:
+        """Wait until condition(self) is truthy and return it, or fail naming what never came."""
+        end = time.monotonic() + timeout
+        with self.news:
+            while not (found := condition(self)):
+                left = end - time.monotonic()
+                assert left > 0 and self.thread.is_alive(), f"no {what} within {timeout:g} s: {self.lines[-5:]} " \
+                                                            f"status={self.status} error={self.error!r}"
+                self.news.wait(left)
+        return found
+
+    def wait_for_news(self, timeout: float) -> None:
+        """Sleep until another line arrives, the response ends, or the timeout passes."""
+        with self.news:
+            if self.thread.is_alive():
+                self.news.wait(timeout)
+
+    def join(self, timeout: float = 60) -> "StreamReader":
+        """Wait until the response ended."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the stream was still open after {timeout:g} s"
+        return self
+
+    def contents(self) -> list[tuple[float, str]]:
+        """Each content delta with its arrival time."""
+        found = []
+        for at, line in list(self.lines):
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                text = choices[0].get("delta", {}).get("content")
+                if text:
+                    found.append((at, text))
+        return found
+
+    @property
+    def text(self) -> str:
+        """The content received so far."""
+        return "".join(text for _, text in self.contents())

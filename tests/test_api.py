@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import read_until_error
-from protocol import ProtoWorker, WorkerThread
+from protocol import ProtoWorker, StreamReader, WorkerThread
 from webapp import jobs, token_count
 from webapp.models import Job, Usage
 
@@ -86,6 +86,35 @@ def test_stream_raw_wire_format(app, account, live):
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert "usage" not in json.loads(events[-2][6:])  # no usage chunk unless asked for
+
+
+def claim_one(worker: ProtoWorker, timeout: float = 30) -> dict:
+    """Claim the next job without a long-poll (no bell involved): ask until one is there."""
+    end = time.monotonic() + timeout
+    while not (claimed := worker.claim(wait=0)):
+        assert time.monotonic() < end, "no job to claim"
+        time.sleep(0.05)
+    return claimed[0]
+
+
+# The reader re-checks the database only every WAKE_RECHECK and HOLD_RENEW (30 s here), and the
+# stream starts on its first output: each delta reaching the client within seconds is the job
+# bell's doing.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"WAKE_RECHECK": 30.0, "HOLD_RENEW": 30.0, "HOLD_TTL": 90.0,
+                                         "HEARTBEAT_INTERVAL": 60.0, "LEASE_TTL": 60.0}])
+def test_a_stream_wakes_on_the_job_bell_at_each_chunk(app, account, live):
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)  # the model is live
+    stream = StreamReader(live.url, account.key, "ring ring")
+    job = claim_one(worker)
+    for n, word in enumerate(("ring ", "ring"), 1):
+        sent = time.monotonic()
+        worker.report(job, [{"content": word}])
+        arrived = stream.wait_until(lambda s: len(s.contents()) >= n and s.contents()[n - 1][0], 40, f"delta {n}")
+        assert arrived - sent < 5, f"{word!r} took {arrived - sent:.1f} s: the reader was not woken"
+    worker.report(job, finish={"reason": "stop"})
+    assert stream.join().text == "ring ring" and stream.status == 200
 
 
 def test_worker_usage_is_preferred_over_counting(app, account, live):

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from conftest import make_account
 from protocol import ProtoWorker, WorkerThread
-from webapp import jobs
+from webapp import budget, jobs, settings
 from webapp.db import skip_locked_from_version
 from webapp.models import Chunk, Job, Worker
 
@@ -77,13 +77,42 @@ def test_worker_only_gets_models_it_advertises(app, account, live):
     assert [j["model"] for j in worker.claim(models=["llama", "echo"])] == ["llama"]
 
 
-def test_long_poll_returns_as_soon_as_a_job_arrives(app, account, live):
-    worker = ProtoWorker(live.url, account.token)
-    threading.Timer(0.3, submit, (app, account)).start()
-    started = time.monotonic()
-    claimed = worker.claim(wait=5)
+# Waiters re-check the database only every WAKE_RECHECK (30 s here): answering within a few
+# seconds is the bell's doing. The held-request budget shows when a poll has begun to wait.
+BELLS_ONLY = {"WAKE_RECHECK": 30.0, "CLAIM_WAIT_MAX": 60.0}
+WOKEN_WITHIN = 5.0  # far below WAKE_RECHECK, with room for a loaded 2-core machine
+
+
+def polls_waiting(app, n: int, timeout: float = 30) -> None:
+    """Wait until n long-polls hold a budget slot: each has read the queue and sleeps on its bells."""
+    end = time.monotonic() + timeout
+    with app.app_context():
+        while budget.in_use()["long_polls"][0] != n:
+            assert time.monotonic() < end, f"{n} long-poll(s) never began to wait"
+            time.sleep(0.02)
+
+
+def in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run fn in a thread; the list gets (its result, when it returned)."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append((fn(*args, **kwargs), time.monotonic())), daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [BELLS_ONLY])
+def test_long_poll_wakes_on_the_jobs_bell_when_a_job_arrives(app, account, live):
+    with app.app_context():
+        settings.save({"max_long_polls": 5})  # so a waiting poll holds a slot we can see
+    poll, out = in_thread(ProtoWorker(live.url, account.token).claim, wait=20)
+    polls_waiting(app, 1)
+    submitted = time.monotonic()
+    submit(app, account)
+    poll.join(timeout=30)
+    claimed, returned = out[0]
     assert len(claimed) == 1
-    assert time.monotonic() - started < 4  # woken by the bell, not by the end of the wait
+    assert returned - submitted < WOKEN_WITHIN
 
 
 def test_long_poll_ends_empty_after_its_wait(app, account, live):
@@ -357,20 +386,27 @@ def test_chunk_rows_match_next_seq(app, account, live):
     assert count == job_row(app, job_id).next_seq == 3
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [BELLS_ONLY])
 def test_newer_long_poll_retires_the_older_one(app, account, live):
+    with app.app_context():
+        settings.save({"max_long_polls": 5})
     old, new = ProtoWorker(live.url, account.token), ProtoWorker(live.url, account.token)
-    answers = []
-    holder = threading.Thread(target=lambda: answers.append(
-        old.post("claim", {"models": ["echo"], "max_jobs": 1, "wait": 5}).json()))
-    holder.start()
-    time.sleep(0.5)  # the old poll is waiting: its client "restarted" and polls anew
-    threading.Timer(0.5, submit, (app, account)).start()
+    holder, answers = in_thread(old.post, "claim", {"models": ["echo"], "max_jobs": 1, "wait": 20})
+    polls_waiting(app, 1)
+    # Its client "restarted" and polls anew: the worker's bell retires the old poll at once.
     started = time.monotonic()
-    claimed = new.claim(wait=5)
-    holder.join(timeout=10)
-    assert answers[0]["jobs"] == [] and answers[0]["superseded"] is True
-    assert len(claimed) == 1  # the job went to the live poll, not the retired one
-    assert time.monotonic() - started < 4
+    poll, claimed = in_thread(new.claim, wait=20)
+    holder.join(timeout=30)
+    answer, retired = answers[0]
+    assert answer.json()["jobs"] == [] and answer.json()["superseded"] is True
+    assert retired - started < WOKEN_WITHIN
+    polls_waiting(app, 1)  # only the new one
+    submitted = time.monotonic()
+    submit(app, account)
+    poll.join(timeout=30)
+    assert len(claimed[0][0]) == 1  # the job went to the live poll, not the retired one
+    assert claimed[0][1] - submitted < WOKEN_WITHIN
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
