@@ -117,6 +117,26 @@ def test_a_stream_wakes_on_the_job_bell_at_each_chunk(app, account, live):
     assert stream.join().text == "ring ring" and stream.status == 200
 
 
+# The stream starts after HEARTBEAT_INTERVAL without output, and says it is alive as often.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"HEARTBEAT_INTERVAL": 0.3, "LEASE_TTL": 60.0}])
+def test_a_silent_worker_leaves_keep_alive_comments_on_the_wire(app, account, live):
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)
+    stream = StreamReader(live.url, account.key, "anyone there")
+    job = claim_one(worker)  # ... and says nothing for a while
+    stream.wait_until(lambda s: [line for _, line in s.lines if line.startswith(":")][2:], 30,
+                      "three keep-alive comments")
+    worker.report(job, [{"content": "yes"}], finish={"reason": "stop"})
+    lines = [line for _, line in stream.join().lines]
+    assert stream.status == 200 and stream.text == "yes"
+    comments = [i for i, line in enumerate(lines) if line.startswith(":")]
+    # SSE comments (a colon first) that every client skips, between the role chunk and the answer.
+    assert all(lines[i] == ": keep-alive" for i in comments)
+    assert 0 < comments[0] and comments[-1] < next(i for i, line in enumerate(lines) if '"content":"yes"' in line)
+    assert lines[-1] == "data: [DONE]"
+
+
 def test_worker_usage_is_preferred_over_counting(app, account, live):
     def handler(worker, job):
         worker.say(job, "hi", finish={"reason": "stop", "usage": {"prompt_tokens": 40, "completion_tokens": 2}})

@@ -368,6 +368,24 @@ def test_malformed_claim_is_refused(app, account, live, body, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"MAX_CHUNKS_PER_REPORT": 4}])
+def test_a_report_with_too_many_chunks_is_refused_whole_with_413(app, account, live):
+    ids = submit(app, account, 2)
+    worker = ProtoWorker(live.url, account.token)
+    a, b = worker.claim(max_jobs=2)
+
+    def entry(job, n):
+        return {"id": job["id"], "lease": job["lease"], "chunks": [{"seq": i, "delta": {"content": "x"}} for i in range(n)]}
+
+    # Counted over the whole report, not per job: 3 + 2 chunks is one too many.
+    refused = worker.post("chunks", {"jobs": [entry(a, 3), entry(b, 2)]})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+    assert [job_row(app, i).next_seq for i in ids] == [0, 0]  # nothing of it stored
+    assert worker.post("chunks", {"jobs": [entry(a, 2), entry(b, 2)]}).status_code == 200
+    assert [job_row(app, i).next_seq for i in ids] == [2, 2]
+
+
 def test_worker_calls_need_a_valid_token(app, account, live):
     r = requests.post(f"{live.url}/worker/v1/claim", json={"models": ["a"]}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
