@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 import openai
 import requests
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 
 from conftest import make_app, read_until_error
-from protocol import ProtoWorker
+from protocol import ProtoWorker, WorkerThread
 from webapp import jobs, maintenance, usage
 from webapp.db import db, retrying
 from webapp.models import Chunk, Event, Job, Usage, utcnow
@@ -236,6 +236,45 @@ def test_a_deadlock_victim_runs_again_whole(mariadb, tmp_path):
     assert sorted(tries.values()) == [1, 2]  # InnoDB picked one victim, and it ran again
     with app.app_context(), db.read() as s:
         assert s.execute(text("SELECT n FROM spine_rows ORDER BY id")).scalars().all() == [2, 2]
+
+
+def app_connections(server, db_url: str) -> list[int]:
+    """List the server's connection ids on the app's database."""
+    name = db_url.rsplit("/", 1)[1].split("?")[0]
+    with server.root() as conn, conn.cursor() as cur:
+        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s", (name,))
+        return [row[0] for row in cur.fetchall()]
+
+
+@pytest.mark.parametrize("db_url", ["mariadb"], indirect=True)
+@pytest.mark.parametrize("loss", ["wait_timeout", "killed"])
+def test_requests_recover_when_the_server_dropped_the_pools_connections(request, app, account, live, db_url, loss):
+    """A shared host's MariaDB closes connections idle past wait_timeout, and a restart or an
+    admin kills them; the next request must get a fresh one (the pool pings first), not an error."""
+    server = request.getfixturevalue("mariadb")
+    engine = app.extensions["pollgate.engine"]
+
+    @event.listens_for(engine, "connect")
+    def short_wait(dbapi_connection, _record) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION wait_timeout = 1")
+
+    engine.dispose()  # every pooled connection from now on carries the short timeout
+    api = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0, timeout=30)
+    with WorkerThread(live.url, account.token):
+        assert api.chat.completions.create(model="echo", messages=PROMPT).choices[0].message.content
+    assert engine.pool.checkedin() > 0
+    if loss == "killed":
+        with server.root() as conn, conn.cursor() as cur:
+            for connection_id in app_connections(server, db_url):
+                cur.execute(f"KILL CONNECTION {connection_id}")
+    wait_for(lambda: not app_connections(server, db_url), 30, "the server to close every idle connection")
+    assert engine.pool.checkedin() > 0  # the pool still holds them: dead, and it does not know yet
+    with WorkerThread(live.url, account.token):
+        reply = api.chat.completions.create(model="echo", messages=PROMPT)
+        streamed = list(api.chat.completions.create(model="echo", messages=PROMPT, stream=True))
+    assert reply.choices[0].message.content == PROMPT[0]["content"]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == PROMPT[0]["content"]
 
 
 def test_pages_that_fail_look_like_the_dashboard(app):
