@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_account
 from protocol import ProtoWorker
-from webapp import accounts, budget, settings
+from webapp import accounts, budget, jobs, settings
 from webapp.errors import ApiError
 from webapp.db import db
 from webapp.models import Job, Usage
@@ -56,6 +56,48 @@ def test_a_budget_of_two_long_polls_answers_the_third_at_once(app, account, live
         poll.join()
     assert held(app, "long_polls") == 0  # handed back as each poll ended
     assert ProtoWorker(live.url, tokens[2]).post("claim", {"models": ["echo"], "wait": 0.2}).status_code == 200
+
+
+def test_concurrent_long_polls_against_a_cap_hold_exactly_that_many(app, live, monkeypatch):
+    """Ten workers of ten owners long-poll at one moment against a budget of four.
+
+    A gate lets the ten into budget.acquire together, so they count and take slots at once.
+    """
+    polls, cap, wait = 10, 4, 20
+    owners = [make_account(app, f"owner{i}@example.com") for i in range(polls)]
+    with app.app_context():
+        settings.save({"max_long_polls": cap})
+    acquire, gate = budget.acquire, threading.Barrier(polls, timeout=30)
+
+    def gated(*args, **kwargs):
+        gate.wait()
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "acquire", gated)
+    answers: list[tuple[int, float]] = []
+
+    def poll(token: str) -> None:
+        started = time.monotonic()
+        status = ProtoWorker(live.url, token).post("claim", {"models": ["echo"], "wait": wait},
+                                                   timeout=wait + 30).status_code
+        answers.append((status, time.monotonic() - started))
+
+    threads = [threading.Thread(target=poll, args=(owner.token,)) for owner in owners]
+    for thread in threads:
+        thread.start()
+    # The refused are answered at once, long before the held polls' wait ends.
+    wait_for(lambda: len(answers) == polls - cap, timeout=wait / 2)
+    assert sorted(status for status, _ in answers) == [429] * (polls - cap)
+    assert all(took < wait / 2 for _, took in answers)
+    assert held(app, "long_polls") == cap
+    # A job for each owner ends the held polls now (each takes its owner's job), not at their wait.
+    for owner in owners:
+        with app.app_context():
+            jobs.submit_job(owner.user_id, None, "echo", {"model": "echo", "messages": []}, False)
+    for thread in threads:
+        thread.join(timeout=wait + 30)
+    assert sorted(status for status, _ in answers) == [200] * cap + [429] * (polls - cap)
+    assert held(app, "long_polls") == 0
 
 
 def test_a_budget_of_two_streams_answers_the_third_with_503(app, account, live):
