@@ -360,6 +360,8 @@ def test_silent_worker_is_replaced_before_output(app, account, live):
     assert attempts == [1, 2]
 
 
+# A minute's hold, so only the request noticing its client can cancel the job in time.
+@pytest.mark.parametrize("app_config", [{"HOLD_TTL": 60.0}])
 def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, live):
     told = threading.Event()
     answers = []
@@ -384,7 +386,7 @@ def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, li
         assert told.wait(10), "the worker was never told to stop"
     assert answers[0]["reason"] == "cancelled"
     job = only_job(app)
-    assert (job.state, job.error_code) == ("cancelled", "client_gone")
+    assert (job.state, job.error_code, job.error_message) == ("cancelled", "client_gone", "The client went away.")
 
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
