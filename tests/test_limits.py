@@ -172,9 +172,8 @@ def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live)
             for _ in range(6):
                 next(lines)
         assert stopped.wait(10)
-    time.sleep(0.3)
     with app.app_context():
-        usage.settle_pending()
+        usage.settle_pending()  # as cron would, whether or not the request got there first
         with db.read() as s:
             row = s.scalars(select(Usage)).one()
             produced = s.scalar(select(Job.next_seq))
@@ -279,12 +278,18 @@ def test_tier_priority_orders_the_queue(app, live):
     def ask(account):
         answers[account.email] = post(live, account.key)
 
+    def queued(n: int) -> None:
+        end = time.monotonic() + 30
+        while len(rows(app, Job)) < n:
+            assert time.monotonic() < end, f"job {n} was never queued"
+            time.sleep(0.02)
+
     first = threading.Thread(target=ask, args=(low,))
     first.start()
-    time.sleep(0.3)
+    queued(1)  # the low tier's job is older
     second = threading.Thread(target=ask, args=(high,))
     second.start()
-    time.sleep(0.3)
+    queued(2)
     claimed = worker.claim(max_jobs=2)
     for job in claimed:
         worker.say(job, "ok", finish={"reason": "stop"})

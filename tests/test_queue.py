@@ -52,7 +52,7 @@ def test_jobs_go_by_priority_then_age_and_old_jobs_overtake(app, account, live):
     old_low = submit(app, account, priority=0)[0]
     time.sleep(0.3)  # waited 0.3 s: worth six priority steps of 0.05 s
     newer_mid = submit(app, account, priority=2)[0]  # worth 0.1 s: behind old_low
-    newest_high = submit(app, account, priority=20)[0]  # worth 1 s: ahead of everything
+    newest_high = submit(app, account, priority=200)[0]  # worth 10 s: ahead of everything, even on a slow machine
     worker = ProtoWorker(live.url, account.token)
     order = [j["id"] for j in worker.claim(max_jobs=3)]
     ids = {job_row(app, i).public_id: i for i in (old_low, newer_mid, newest_high)}
@@ -268,12 +268,14 @@ def test_expired_lease_fails_a_job_that_already_streamed(app, account, live):
     assert "not repeated" in row.error_message
 
 
+# Heartbeats 1 s apart keep a 3 s lease for 4 s: two seconds to spare for a busy machine.
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
 def test_reports_renew_the_lease(app, account, live):
     job_id = submit(app, account)[0]
     worker = ProtoWorker(live.url, account.token)
     job = worker.claim()[0]
     for _ in range(4):
-        time.sleep(0.8)
+        time.sleep(1.0)
         worker.report(job)  # an empty report is a heartbeat
         with app.app_context():
             jobs.reap_expired()

@@ -8,6 +8,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import flask
 import openai
 import requests
 import pytest
@@ -62,7 +63,7 @@ def test_a_job_whose_reader_stops_renewing_is_cancelled_and_its_worker_told(app,
 
 
 def test_a_renewing_reader_keeps_its_job(app, account, live):
-    app.config.update(HOLD_TTL=1.0, HOLD_RENEW=0.2)
+    app.config.update(HOLD_TTL=2.0, HOLD_RENEW=0.2)  # ten renewals per hold: room for a busy machine
     worker = ProtoWorker(live.url, account.token)
     worker.claim(wait=0)
     api = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
@@ -72,7 +73,7 @@ def test_a_renewing_reader_keeps_its_job(app, account, live):
     first.start()
     stream = api.chat.completions.create(model="echo", messages=PROMPT, stream=True)
     first.join(timeout=10)
-    deadline = time.monotonic() + 2.5  # several HOLD_TTLs, with the reaper running meanwhile
+    deadline = time.monotonic() + 5  # a few HOLD_TTLs, with the reaper running meanwhile
     dots = 0
     while time.monotonic() < deadline:
         with app.app_context():
@@ -183,7 +184,7 @@ def test_lazy_housekeeping_never_ends_the_request_that_ran_it(app, account, live
     calls = []
 
     def broken():
-        calls.append(1)
+        calls.append(flask.request.path)
         raise RuntimeError("housekeeping bug")
 
     monkeypatch.setattr(maintenance, "reap", broken)
@@ -193,14 +194,14 @@ def test_lazy_housekeeping_never_ends_the_request_that_ran_it(app, account, live
 
     def serve():
         claimed = worker.claim(wait=5)
-        time.sleep(0.5)  # let the request wait (and run housekeeping) a few times first
+        wait_for(lambda: calls.count("/v1/chat/completions") >= 2, what="the request to run housekeeping")
         worker.say(claimed[0], "still here", finish={"reason": "stop"})
 
     thread = threading.Thread(target=serve)
     thread.start()
     reply = api.chat.completions.create(model="echo", messages=PROMPT)
     thread.join(timeout=10)
-    assert reply.choices[0].message.content == "still here" and calls
+    assert reply.choices[0].message.content == "still here"
 
 
 def test_a_deadlock_victim_runs_again_whole(mariadb, tmp_path):
