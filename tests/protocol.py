@@ -1,4 +1,4 @@
-"""A small worker written straight from docs/worker-protocol.md, and a raw stream reader, for driving tests over HTTP."""
+"""A small worker written straight from docs/worker-protocol.md, and a raw stream reader, for tests over HTTP."""
 from __future__ import annotations
 
 import http.client
@@ -109,7 +109,8 @@ class WorkerThread:
         if exc_type is not None or self.expect_errors:
             return  # the test's own failure says more; or the test reads .errors itself
         if self.errors:
-            raise AssertionError(f"the worker thread hit {len(self.errors)} error(s): {self.errors!r}") from self.errors[0]
+            raise AssertionError(f"the worker thread hit {len(self.errors)} error(s): {self.errors!r}") \
+                from self.errors[0]
         assert not stuck, f"{len(stuck)} worker handler(s) still running {bound} s after the test ended"
 
     def _loop(self) -> None:

@@ -378,7 +378,8 @@ def test_a_report_with_too_many_chunks_is_refused_whole_with_413(app, account, l
     a, b = worker.claim(max_jobs=2)
 
     def entry(job, n):
-        return {"id": job["id"], "lease": job["lease"], "chunks": [{"seq": i, "delta": {"content": "x"}} for i in range(n)]}
+        chunks = [{"seq": i, "delta": {"content": "x"}} for i in range(n)]
+        return {"id": job["id"], "lease": job["lease"], "chunks": chunks}
 
     # Counted over the whole report, not per job: 3 + 2 chunks is one too many.
     refused = worker.post("chunks", {"jobs": [entry(a, 3), entry(b, 2)]})

@@ -31,7 +31,12 @@ class BrowserWorker {
     this.show("standby");
     addEventListener("pagehide", () => this.handBack());
     // Back from the back/forward cache: the page lives again, and so does its worker.
-    addEventListener("pageshow", (event) => { if (event.persisted && this.closing) { this.closing = false; this.restart(); } });
+    addEventListener("pageshow", (event) => {
+      if (event.persisted && this.closing) {
+        this.closing = false;
+        this.restart();
+      }
+    });
     // Tabs of one site share the token's single long-poll: one holds the lock and polls;
     // the others wait and take over when it closes.
     if (navigator.locks) navigator.locks.request("pollgate-worker", () => this.run());
