@@ -1,8 +1,12 @@
-"""A small worker written straight from docs/worker-protocol.md, for driving tests over HTTP."""
+"""A small worker written straight from docs/worker-protocol.md, and a raw stream reader, for tests over HTTP."""
 from __future__ import annotations
 
+import http.client
+import json
 import threading
+import time
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 import requests
 
@@ -69,37 +73,143 @@ def echo_handler(worker: ProtoWorker, job: dict) -> None:
 
 
 class WorkerThread:
-    """Run a ProtoWorker in the background, handing each job to a handler function."""
+    """Run a ProtoWorker in the background, handing each job to a handler function.
+
+    Leaving the `with` block stops claiming, waits for running handlers, and raises the first
+    error a claim or a handler hit, unless the test says it expects some (expect_errors=True)
+    and reads `.errors` itself.
+    """
 
     def __init__(self, base: str, token: str, handler: Callable[[ProtoWorker, dict], None] = echo_handler,
-                 models=("echo",)) -> None:
+                 models=("echo",), expect_errors: bool = False) -> None:
         self.worker = ProtoWorker(base, token, models)
         self.handler = handler
+        self.expect_errors = expect_errors
         self.stopping = threading.Event()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.jobs: list[threading.Thread] = []
 
     def __enter__(self) -> "WorkerThread":
         # Advertise the models at once so /v1/models lists them before the first request.
-        self.worker.claim(wait=0)
+        for job in self.worker.claim(wait=0):
+            self._start(job)
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stopping.set()
-        self.thread.join(timeout=10)
+        # A claim waits at most 0.5 s; handlers get a bound, so a stuck one cannot hang the test.
+        bound = 30 if exc_type is None else 5
+        end = time.monotonic() + bound
+        self.thread.join(timeout=bound)
+        for thread in self.jobs:  # complete now: the claim loop has ended
+            thread.join(timeout=max(0.01, end - time.monotonic()))
+        stuck = [t for t in [self.thread, *self.jobs] if t.is_alive()]
+        if exc_type is not None or self.expect_errors:
+            return  # the test's own failure says more; or the test reads .errors itself
+        if self.errors:
+            raise AssertionError(f"the worker thread hit {len(self.errors)} error(s): {self.errors!r}") \
+                from self.errors[0]
+        assert not stuck, f"{len(stuck)} worker handler(s) still running {bound} s after the test ended"
 
     def _loop(self) -> None:
         while not self.stopping.is_set():
             try:
                 for job in self.worker.claim(max_jobs=4, wait=0.5):
-                    threading.Thread(target=self._run, args=(job,), daemon=True).start()
-            except requests.RequestException as err:  # the server is shutting down
+                    self._start(job)
+            except BaseException as err:  # raised by __exit__
                 self.errors.append(err)
                 return
+
+    def _start(self, job: dict) -> None:
+        thread = threading.Thread(target=self._run, args=(job,), daemon=True)
+        self.jobs.append(thread)
+        thread.start()
 
     def _run(self, job: dict) -> None:
         try:
             self.handler(self.worker, job)
-        except BaseException as err:  # surfaced by tests that check .errors
+        except BaseException as err:  # raised by __exit__
             self.errors.append(err)
+
+
+class StreamReader:
+    """One streamed chat completion read raw over HTTP in a thread: every line on the wire and when it came.
+
+    Comment lines (": keep-alive") are kept as they are; `contents` gives each content
+    delta with its arrival time. `base` may carry a path (/api under Passenger).
+    """
+
+    def __init__(self, base: str, key: str, content: str, model: str = "echo", timeout: float = 60) -> None:
+        parts = urlsplit(base)
+        self.path = parts.path.rstrip("/") + "/v1/chat/completions"
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self.body = {"model": model, "stream": True, "messages": [{"role": "user", "content": content}]}
+        self.key = key
+        self.status: Optional[int] = None
+        self.lines: list[tuple[float, str]] = []
+        self.error: Optional[BaseException] = None
+        self.news = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn.request("POST", self.path, body=json.dumps(self.body),
+                              headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            self.status = response.status
+            pending = b""
+            # read1 hands over what has arrived, so each line's time is when its bytes came.
+            while data := response.read1(65536):
+                at = time.monotonic()
+                *complete, pending = (pending + data).split(b"\n")
+                with self.news:
+                    self.lines.extend((at, line.decode()) for line in complete if line)
+                    self.news.notify_all()
+        except BaseException as err:  # the test reads .error
+            self.error = err
+        finally:
+            self.conn.close()
+            with self.news:
+                self.news.notify_all()
+
+    def wait_until(self, condition: Callable[["StreamReader"], Any], timeout: float, what: str) -> Any:
+        """Wait until condition(self) is truthy and return it, or fail naming what never came."""
+        end = time.monotonic() + timeout
+        with self.news:
+            while not (found := condition(self)):
+                left = end - time.monotonic()
+                assert left > 0 and self.thread.is_alive(), f"no {what} within {timeout:g} s: {self.lines[-5:]} " \
+                                                            f"status={self.status} error={self.error!r}"
+                self.news.wait(left)
+        return found
+
+    def wait_for_news(self, timeout: float) -> None:
+        """Sleep until another line arrives, the response ends, or the timeout passes."""
+        with self.news:
+            if self.thread.is_alive():
+                self.news.wait(timeout)
+
+    def join(self, timeout: float = 60) -> "StreamReader":
+        """Wait until the response ended."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the stream was still open after {timeout:g} s"
+        return self
+
+    def contents(self) -> list[tuple[float, str]]:
+        """Each content delta with its arrival time."""
+        found = []
+        for at, line in list(self.lines):
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                text = choices[0].get("delta", {}).get("content")
+                if text:
+                    found.append((at, text))
+        return found
+
+    @property
+    def text(self) -> str:
+        """The content received so far."""
+        return "".join(text for _, text in self.contents())

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import read_until_error
-from protocol import ProtoWorker, WorkerThread
+from protocol import ProtoWorker, StreamReader, WorkerThread
 from webapp import jobs, token_count
 from webapp.models import Job, Usage
 
@@ -86,6 +86,55 @@ def test_stream_raw_wire_format(app, account, live):
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert "usage" not in json.loads(events[-2][6:])  # no usage chunk unless asked for
+
+
+def claim_one(worker: ProtoWorker, timeout: float = 30) -> dict:
+    """Claim the next job without a long-poll (no bell involved): ask until one is there."""
+    end = time.monotonic() + timeout
+    while not (claimed := worker.claim(wait=0)):
+        assert time.monotonic() < end, "no job to claim"
+        time.sleep(0.05)
+    return claimed[0]
+
+
+# The reader re-checks the database only every WAKE_RECHECK and HOLD_RENEW (30 s here), and the
+# stream starts on its first output: each delta reaching the client within seconds is the job
+# bell's doing.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"WAKE_RECHECK": 30.0, "HOLD_RENEW": 30.0, "HOLD_TTL": 90.0,
+                                         "HEARTBEAT_INTERVAL": 60.0, "LEASE_TTL": 60.0}])
+def test_a_stream_wakes_on_the_job_bell_at_each_chunk(app, account, live):
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)  # the model is live
+    stream = StreamReader(live.url, account.key, "ring ring")
+    job = claim_one(worker)
+    for n, word in enumerate(("ring ", "ring"), 1):
+        sent = time.monotonic()
+        worker.report(job, [{"content": word}])
+        arrived = stream.wait_until(lambda s: len(s.contents()) >= n and s.contents()[n - 1][0], 40, f"delta {n}")
+        assert arrived - sent < 5, f"{word!r} took {arrived - sent:.1f} s: the reader was not woken"
+    worker.report(job, finish={"reason": "stop"})
+    assert stream.join().text == "ring ring" and stream.status == 200
+
+
+# The stream starts after HEARTBEAT_INTERVAL without output, and says it is alive as often.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"HEARTBEAT_INTERVAL": 0.3, "LEASE_TTL": 60.0}])
+def test_a_silent_worker_leaves_keep_alive_comments_on_the_wire(app, account, live):
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)
+    stream = StreamReader(live.url, account.key, "anyone there")
+    job = claim_one(worker)  # ... and says nothing for a while
+    stream.wait_until(lambda s: [line for _, line in s.lines if line.startswith(":")][2:], 30,
+                      "three keep-alive comments")
+    worker.report(job, [{"content": "yes"}], finish={"reason": "stop"})
+    lines = [line for _, line in stream.join().lines]
+    assert stream.status == 200 and stream.text == "yes"
+    comments = [i for i, line in enumerate(lines) if line.startswith(":")]
+    # SSE comments (a colon first) that every client skips, between the role chunk and the answer.
+    assert all(lines[i] == ": keep-alive" for i in comments)
+    assert 0 < comments[0] and comments[-1] < next(i for i, line in enumerate(lines) if '"content":"yes"' in line)
+    assert lines[-1] == "data: [DONE]"
 
 
 def test_worker_usage_is_preferred_over_counting(app, account, live):
@@ -311,6 +360,8 @@ def test_silent_worker_is_replaced_before_output(app, account, live):
     assert attempts == [1, 2]
 
 
+# A minute's hold, so only the request noticing its client can cancel the job in time.
+@pytest.mark.parametrize("app_config", [{"HOLD_TTL": 60.0}])
 def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, live):
     told = threading.Event()
     answers = []
@@ -335,7 +386,7 @@ def test_client_disconnect_cancels_the_job_and_stops_the_worker(app, account, li
         assert told.wait(10), "the worker was never told to stop"
     assert answers[0]["reason"] == "cancelled"
     job = only_job(app)
-    assert (job.state, job.error_code) == ("cancelled", "client_gone")
+    assert (job.state, job.error_code, job.error_message) == ("cancelled", "client_gone", "The client went away.")
 
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}

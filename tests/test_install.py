@@ -1,22 +1,23 @@
 """The web installer and install.py: check, install, lock, resume, upgrade; on SQLite and MariaDB."""
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
-from sqlalchemy import text
+import requests
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from werkzeug.test import Client
 
-from conftest import ROOT, TEST_CONFIG, csrf, make_app, sign_in
+from conftest import ROOT, TEST_CONFIG, csrf, make_app, serving, sign_in
 from webapp import accounts, create_app, installer, migrate
 from webapp.db import db
 from webapp.install_views import SiteSwitch, create_installer_app
-from webapp.models import utcnow
+from webapp.models import User, utcnow
 
 ADMIN = {"admin_email": "Boss@Example.com", "admin_password": "a long password", "admin_password2": "a long password"}
 
@@ -108,15 +109,37 @@ def test_a_half_finished_install_resumes(site, db_url):
         assert user.is_admin and migrate.pending() == []
 
 
-def test_two_installers_at_once_do_not_both_run(site):
-    _, client, instance = site
-    token = csrf(client.get("/install"))
-    with open(os.path.join(instance, "install.lock"), "w") as other:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        busy = client.post("/install", data={"engine": "sqlite", "site_url": "https://example.com/api", "csrf_token": token, **ADMIN,
-                                             **owner(instance)})
-    assert busy.status_code == 400 and "Another installation is running" in busy.get_data(as_text=True)
-    assert not installer.installed(instance)
+def test_two_installs_at_once_one_runs_and_the_other_is_told_why(site, db_url):
+    """Two owners (two tabs, or a double click) post the form at the same moment over real HTTP."""
+    switch, client, instance = site
+    client.get("/install")  # the installer's first start writes the setup token
+    fields = {**db_fields(db_url), "site_url": "https://example.com/api", **ADMIN, **owner(instance)}
+    go = threading.Barrier(2, timeout=30)
+    answers: list[requests.Response] = []
+
+    def install(email: str) -> None:
+        browser = requests.Session()
+        token = browser.get(f"{url}/install", timeout=60).text.split('name="csrf_token" value="')[1].split('"')[0]
+        go.wait()
+        answers.append(browser.post(f"{url}/install", data={**fields, "admin_email": email, "csrf_token": token},
+                                    timeout=120))
+
+    with serving(switch) as url:
+        tabs = [threading.Thread(target=install, args=(email,)) for email in ("one@example.com", "two@example.com")]
+        for tab in tabs:
+            tab.start()
+        for tab in tabs:
+            tab.join(timeout=150)
+    assert sorted(a.status_code for a in answers) == [200, 400], [a.text[-2000:] for a in answers]
+    done, refused = sorted(answers, key=lambda a: a.status_code)
+    assert "Pollgate is installed" in done.text
+    assert "Another installation is running" in refused.text or "already installed" in refused.text, refused.text
+    assert installer.installed(instance)
+    app = create_app({**TEST_CONFIG}, instance_path=instance)
+    with app.app_context(), db.read() as s:
+        users = s.scalars(select(User)).all()
+    app.extensions["pollgate.engine"].dispose()
+    assert len(users) == 1 and users[0].is_admin  # one installer's admin, not both
 
 
 def run_install(instance: str, *args: str, **env: str) -> subprocess.CompletedProcess:

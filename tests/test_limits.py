@@ -15,7 +15,7 @@ from protocol import WorkerThread
 from webapp import limits, token_count, usage
 from webapp.db import db
 from webapp.errors import ApiError
-from webapp.models import ApiKey, Job, ModelPrice, Tier, Usage, UsageDaily, User
+from webapp.models import ApiKey, Job, ModelPrice, RateBucket, Tier, Usage, UsageDaily, User
 
 PROMPT = [{"role": "user", "content": "count these five words"}]
 
@@ -172,9 +172,8 @@ def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live)
             for _ in range(6):
                 next(lines)
         assert stopped.wait(10)
-    time.sleep(0.3)
     with app.app_context():
-        usage.settle_pending()
+        usage.settle_pending()  # as cron would, whether or not the request got there first
         with db.read() as s:
             row = s.scalars(select(Usage)).one()
             produced = s.scalar(select(Job.next_seq))
@@ -182,24 +181,53 @@ def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live)
     assert row.completion_tokens == token_count.count_completion([{"content": "word "}] * produced) > 0
 
 
-def test_settling_twice_counts_once(app, account, live):
+# No lazy housekeeping on the request path: the only settlers are the request and the test's cron.
+@pytest.mark.parametrize("app_config", [{"REAP_INTERVAL": 1e9}])
+def test_the_request_and_cron_settle_an_ended_job_exactly_once(app, account, live, monkeypatch):
+    """The request that relayed a job and cron's settle_pending both reach its ended, unsettled usage row.
+
+    A gate holds each settler at the door of usage.settle until the other arrives, so both
+    run it at once: the request's end_request in the server's thread, and cron here.
+    """
+    settle = usage.settle
+    gate = threading.Barrier(2, timeout=30)
+    by_request: list[bool] = []
+
+    def gated(job_id, *args, **kwargs):
+        gate.wait()
+        done = settle(job_id, *args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            by_request.append(done)
+        return done
+
+    monkeypatch.setattr(usage, "settle", gated)
+    rounds, replies = 4, []
     with WorkerThread(live.url, account.token):
-        assert post(live, account.key).status_code == 200
-    with app.app_context():
-        job_id = rows(app)[0].job_id
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(_settle(app, job_id))) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert results == [False] * 6  # the request already settled it
-    assert rows(app, UsageDaily)[0].requests == 1
-
-
-def _settle(app, job_id):
-    with app.app_context():
-        return usage.settle(job_id)
+        for i in range(rounds):
+            reply: list = []
+            request = threading.Thread(target=lambda: reply.append(post(live, account.key)))
+            request.start()
+            end = time.monotonic() + 30
+            while len([j for j in rows(app, Job) if j.state == "completed"]) <= i:
+                assert time.monotonic() < end, "the job never ended"
+                time.sleep(0.02)
+            with app.app_context():
+                by_cron = usage.settle_pending()  # finds the row unsettled: the request waits at the gate
+            request.join(timeout=30)
+            assert reply[0].status_code == 200, reply[0].text
+            assert by_cron + by_request[i] == 1, (by_cron, by_request)
+            replies.append(reply[0].json())
+    found = rows(app)
+    assert len(found) == rounds and all(r.settled and r.status == "completed" for r in found)
+    # Whoever settled it, the row says what the client was told.
+    assert [r.completion_tokens for r in found] == [r["usage"]["completion_tokens"] for r in replies]
+    daily = rows(app, UsageDaily)
+    assert len(daily) == 1 and daily[0].requests == rounds
+    assert daily[0].completion_tokens == sum(r.completion_tokens for r in found)
+    # The rate buckets count each request once, and its tokens once (prompt at admission, answer at settlement).
+    buckets = [b for b in rows(app, RateBucket) if b.subject == "u"]
+    assert sum(b.requests for b in buckets) == rounds
+    assert sum(b.tokens for b in buckets) == sum(r.prompt_tokens + r.completion_tokens for r in found)
 
 
 def test_refused_request_leaves_no_job_or_usage(app, account, live):
@@ -250,12 +278,18 @@ def test_tier_priority_orders_the_queue(app, live):
     def ask(account):
         answers[account.email] = post(live, account.key)
 
+    def queued(n: int) -> None:
+        end = time.monotonic() + 30
+        while len(rows(app, Job)) < n:
+            assert time.monotonic() < end, f"job {n} was never queued"
+            time.sleep(0.02)
+
     first = threading.Thread(target=ask, args=(low,))
     first.start()
-    time.sleep(0.3)
+    queued(1)  # the low tier's job is older
     second = threading.Thread(target=ask, args=(high,))
     second.start()
-    time.sleep(0.3)
+    queued(2)
     claimed = worker.claim(max_jobs=2)
     for job in claimed:
         worker.say(job, "ok", finish={"reason": "stop"})

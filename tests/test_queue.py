@@ -1,6 +1,7 @@
 """Queue semantics on SQLite and MariaDB: claims, leases, reports, releases, the reaper."""
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -11,8 +12,8 @@ import requests
 from sqlalchemy import func, select
 
 from conftest import make_account
-from protocol import ProtoWorker
-from webapp import jobs
+from protocol import ProtoWorker, WorkerThread
+from webapp import budget, jobs, settings
 from webapp.db import skip_locked_from_version
 from webapp.models import Chunk, Job, Worker
 
@@ -51,7 +52,7 @@ def test_jobs_go_by_priority_then_age_and_old_jobs_overtake(app, account, live):
     old_low = submit(app, account, priority=0)[0]
     time.sleep(0.3)  # waited 0.3 s: worth six priority steps of 0.05 s
     newer_mid = submit(app, account, priority=2)[0]  # worth 0.1 s: behind old_low
-    newest_high = submit(app, account, priority=20)[0]  # worth 1 s: ahead of everything
+    newest_high = submit(app, account, priority=200)[0]  # worth 10 s: ahead of everything, even on a slow machine
     worker = ProtoWorker(live.url, account.token)
     order = [j["id"] for j in worker.claim(max_jobs=3)]
     ids = {job_row(app, i).public_id: i for i in (old_low, newer_mid, newest_high)}
@@ -76,13 +77,42 @@ def test_worker_only_gets_models_it_advertises(app, account, live):
     assert [j["model"] for j in worker.claim(models=["llama", "echo"])] == ["llama"]
 
 
-def test_long_poll_returns_as_soon_as_a_job_arrives(app, account, live):
-    worker = ProtoWorker(live.url, account.token)
-    threading.Timer(0.3, submit, (app, account)).start()
-    started = time.monotonic()
-    claimed = worker.claim(wait=5)
+# Waiters re-check the database only every WAKE_RECHECK (30 s here): answering within a few
+# seconds is the bell's doing. The held-request budget shows when a poll has begun to wait.
+BELLS_ONLY = {"WAKE_RECHECK": 30.0, "CLAIM_WAIT_MAX": 60.0}
+WOKEN_WITHIN = 5.0  # far below WAKE_RECHECK, with room for a loaded 2-core machine
+
+
+def polls_waiting(app, n: int, timeout: float = 30) -> None:
+    """Wait until n long-polls hold a budget slot: each has read the queue and sleeps on its bells."""
+    end = time.monotonic() + timeout
+    with app.app_context():
+        while budget.in_use()["long_polls"][0] != n:
+            assert time.monotonic() < end, f"{n} long-poll(s) never began to wait"
+            time.sleep(0.02)
+
+
+def in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run fn in a thread; the list gets (its result, when it returned)."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append((fn(*args, **kwargs), time.monotonic())), daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [BELLS_ONLY])
+def test_long_poll_wakes_on_the_jobs_bell_when_a_job_arrives(app, account, live):
+    with app.app_context():
+        settings.save({"max_long_polls": 5})  # so a waiting poll holds a slot we can see
+    poll, out = in_thread(ProtoWorker(live.url, account.token).claim, wait=20)
+    polls_waiting(app, 1)
+    submitted = time.monotonic()
+    submit(app, account)
+    poll.join(timeout=30)
+    claimed, returned = out[0]
     assert len(claimed) == 1
-    assert time.monotonic() - started < 4  # woken by the bell, not by the end of the wait
+    assert returned - submitted < WOKEN_WITHIN
 
 
 def test_long_poll_ends_empty_after_its_wait(app, account, live):
@@ -238,12 +268,14 @@ def test_expired_lease_fails_a_job_that_already_streamed(app, account, live):
     assert "not repeated" in row.error_message
 
 
+# Heartbeats 1 s apart keep a 3 s lease for 4 s: two seconds to spare for a busy machine.
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
 def test_reports_renew_the_lease(app, account, live):
     job_id = submit(app, account)[0]
     worker = ProtoWorker(live.url, account.token)
     job = worker.claim()[0]
     for _ in range(4):
-        time.sleep(0.8)
+        time.sleep(1.0)
         worker.report(job)  # an empty report is a heartbeat
         with app.app_context():
             jobs.reap_expired()
@@ -338,6 +370,25 @@ def test_malformed_claim_is_refused(app, account, live, body, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"MAX_CHUNKS_PER_REPORT": 4}])
+def test_a_report_with_too_many_chunks_is_refused_whole_with_413(app, account, live):
+    ids = submit(app, account, 2)
+    worker = ProtoWorker(live.url, account.token)
+    a, b = worker.claim(max_jobs=2)
+
+    def entry(job, n):
+        chunks = [{"seq": i, "delta": {"content": "x"}} for i in range(n)]
+        return {"id": job["id"], "lease": job["lease"], "chunks": chunks}
+
+    # Counted over the whole report, not per job: 3 + 2 chunks is one too many.
+    refused = worker.post("chunks", {"jobs": [entry(a, 3), entry(b, 2)]})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+    assert [job_row(app, i).next_seq for i in ids] == [0, 0]  # nothing of it stored
+    assert worker.post("chunks", {"jobs": [entry(a, 2), entry(b, 2)]}).status_code == 200
+    assert [job_row(app, i).next_seq for i in ids] == [2, 2]
+
+
 def test_worker_calls_need_a_valid_token(app, account, live):
     r = requests.post(f"{live.url}/worker/v1/claim", json={"models": ["a"]}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
@@ -356,17 +407,43 @@ def test_chunk_rows_match_next_seq(app, account, live):
     assert count == job_row(app, job_id).next_seq == 3
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("app_config", [BELLS_ONLY])
 def test_newer_long_poll_retires_the_older_one(app, account, live):
+    with app.app_context():
+        settings.save({"max_long_polls": 5})
     old, new = ProtoWorker(live.url, account.token), ProtoWorker(live.url, account.token)
-    answers = []
-    holder = threading.Thread(target=lambda: answers.append(
-        old.post("claim", {"models": ["echo"], "max_jobs": 1, "wait": 5}).json()))
-    holder.start()
-    time.sleep(0.5)  # the old poll is waiting: its client "restarted" and polls anew
-    threading.Timer(0.5, submit, (app, account)).start()
+    holder, answers = in_thread(old.post, "claim", {"models": ["echo"], "max_jobs": 1, "wait": 20})
+    polls_waiting(app, 1)
+    # Its client "restarted" and polls anew: the worker's bell retires the old poll at once.
     started = time.monotonic()
-    claimed = new.claim(wait=5)
-    holder.join(timeout=10)
-    assert answers[0]["jobs"] == [] and answers[0]["superseded"] is True
-    assert len(claimed) == 1  # the job went to the live poll, not the retired one
-    assert time.monotonic() - started < 4
+    poll, claimed = in_thread(new.claim, wait=20)
+    holder.join(timeout=30)
+    answer, retired = answers[0]
+    assert answer.json()["jobs"] == [] and answer.json()["superseded"] is True
+    assert retired - started < WOKEN_WITHIN
+    polls_waiting(app, 1)  # only the new one
+    submitted = time.monotonic()
+    submit(app, account)
+    poll.join(timeout=30)
+    assert len(claimed[0][0]) == 1  # the job went to the live poll, not the retired one
+    assert claimed[0][1] - submitted < WOKEN_WITHIN
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("expected", [False, True])
+def test_the_test_worker_raises_what_its_handler_hit_unless_told_to_expect_it(app, account, live, expected):
+    def broken(worker, job):
+        raise RuntimeError("a bug in the handler")
+
+    [job_id] = submit(app, account)
+    worker = WorkerThread(live.url, account.token, broken, expect_errors=expected)
+    with contextlib.ExitStack() as raised:
+        if not expected:
+            raised.enter_context(pytest.raises(AssertionError, match="a bug in the handler"))
+        with worker:
+            end = time.monotonic() + 30
+            while job_row(app, job_id).state != "running":
+                assert time.monotonic() < end, "the job was never claimed"
+                time.sleep(0.02)
+    assert [str(e) for e in worker.errors] == ["a bug in the handler"]

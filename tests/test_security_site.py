@@ -14,10 +14,11 @@ from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import func, select
 
-from conftest import PASSWORD, csrf, make_account, make_app, sign_in
+from conftest import PASSWORD, csrf, make_account, make_app, serving, sign_in
 from protocol import ProtoWorker
 from webapp import accounts, create_app, settings
 from webapp.db import db
+from webapp.install_views import SiteSwitch
 from webapp.models import ApiKey, Chunk, Event, Job, User, Worker
 
 WAIT = 30  # seconds: the bound on every wait for a reply or a claim
@@ -108,6 +109,31 @@ def test_an_https_site_url_marks_the_session_cookie_secure(app, account):
     assert r.status_code == 302
     cookie = r.headers["Set-Cookie"]
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def cookie_flags(set_cookie: str) -> set[str]:
+    """The attributes of one Set-Cookie header, values dropped but SameSite's kept."""
+    return {part.strip() if part.strip().startswith("SameSite") else part.strip().split("=")[0]
+            for part in set_cookie.split(";")[1:]}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_on_plain_http_the_session_cookie_is_httponly_and_lax_but_not_secure(app, live, account, tmp_path,
+                                                                              monkeypatch):
+    # On the wire of a real server. Secure there would lose the session: browsers drop Secure
+    # cookies from http pages. (The https case is the test above.)
+    browser = requests.Session()
+    token = browser.get(live.url + "/login", timeout=WAIT).text.split('name="csrf_token" value="')[1].split('"')[0]
+    r = browser.post(live.url + "/login", data={"email": account.email, "password": PASSWORD, "csrf_token": token},
+                     timeout=WAIT, allow_redirects=False)
+    assert r.status_code == 302
+    assert cookie_flags(r.headers["Set-Cookie"]) == {"HttpOnly", "Path", "SameSite=Lax"}, r.headers["Set-Cookie"]
+    # The installer's session (its CSRF token) follows the same rule before the site exists.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with serving(SiteSwitch(str(tmp_path / "fresh"))) as url:
+        installer = requests.get(url + "/install", timeout=WAIT)
+    assert installer.status_code == 200
+    assert cookie_flags(installer.headers["Set-Cookie"]) == {"HttpOnly", "Path", "SameSite=Lax"}
 
 
 def failed_signin_address(live, email: str, forwarded: str) -> str:

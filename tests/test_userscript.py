@@ -383,7 +383,10 @@ def test_closing_the_tab_mid_answer_fails_the_job_cleanly(app, arena_tab, live, 
     assert job.state == "failed" and job.next_seq >= 1
 
 
-def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_open, arena, account, live):
+# A lease that outlives the test: only the closing tab's release can put its job back in the
+# queue in time. The dispatch timeout leaves the second tab time to start on a loaded machine.
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 60.0, "DISPATCH_TIMEOUT": 40.0}])
+def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_open, arena, app, account, live):
     seed = {"gateway": live.url, "token": account.token}
     first = worker_context(chromium_open, seed)
     first.new_page().goto(arena.url + "/")
@@ -404,6 +407,11 @@ def test_closing_the_tab_before_output_hands_the_job_to_the_next_tab(chromium_op
     second.close()
     assert replies and replies[0].choices[0].message.content.startswith(ANSWER)
     assert len(arena.requests) == 2  # asked again by the second tab, answered once
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job))
+        worker = s.scalar(select(Worker))
+    # Handed back, not lost: a release does not count as an attempt or as a worker's failure.
+    assert (job.state, job.attempts, worker.jobs_failed) == ("completed", 1, 0)
 
 
 def test_two_tabs_take_turns_with_one_long_poll(chromium_open, arena, account, live):

@@ -24,6 +24,8 @@ def create_installer_app(instance_path: str) -> Flask:
     # Every process must check the same CSRF tokens, so the key lives in a file.
     app.config["SECRET_KEY"] = _installer_secret(instance_path)
     app.config["WTF_CSRF_TIME_LIMIT"] = None
+    # Its session (the CSRF token) is not sent on cross-site requests either, as the app's.
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
     csrf.init_app(app)
     if not installer.installed(instance_path):
         # Written on first start, so the owner finds it in the File Manager before visiting.

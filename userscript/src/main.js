@@ -8,6 +8,7 @@ const STATUS_EVERY = 30000; // a paused worker says so this often, so it stays l
 class BrowserWorker {
   constructor() {
     this.paused = Boolean(settings.get("paused"));
+    this.closing = false; // the page is being hidden for good (pagehide)
     this.human = "";
     this.running = new Map();
     this.wake = new AbortController();
@@ -29,6 +30,13 @@ class BrowserWorker {
     this.panel = createPanel(this);
     this.show("standby");
     addEventListener("pagehide", () => this.handBack());
+    // Back from the back/forward cache: the page lives again, and so does its worker.
+    addEventListener("pageshow", (event) => {
+      if (event.persisted && this.closing) {
+        this.closing = false;
+        this.restart();
+      }
+    });
     // Tabs of one site share the token's single long-poll: one holds the lock and polls;
     // the others wait and take over when it closes.
     if (navigator.locks) navigator.locks.request("pollgate-worker", () => this.run());
@@ -65,6 +73,10 @@ class BrowserWorker {
     for (;;) {
       if (this.wake.signal.aborted) this.wake = new AbortController();
       const signal = this.wake.signal;
+      if (this.closing) {
+        await sleep(3600000, signal); // the page is going: a claim now would take jobs nobody runs
+        continue;
+      }
       const gateway = this.gateway(), adapter = this.adapter();
       if (!gateway || !adapter) {
         this.show("setup", !adapter ? "No adapter for this page: pick one in Settings."
@@ -180,7 +192,11 @@ class BrowserWorker {
   }
 
   handBack() {
-    // The tab is closing: give unfinished jobs back so another worker can take them.
+    // The tab is closing: give unfinished jobs back so another worker can take them, and
+    // claim no more. A claim sent after the release would take the released job straight
+    // back for this dying page, and it would sit until its lease lapsed.
+    this.closing = true;
+    this.restart();
     const gateway = this.gateway();
     const jobs = [...this.running.values()];
     if (gateway && jobs.length) gateway.release(jobs.map((entry) => entry.job)).catch(() => {});
