@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import sys
@@ -14,7 +15,7 @@ import pytest
 from sqlalchemy import update
 from werkzeug.serving import make_server
 
-from support import ROOT, missing
+from support import ROOT, RUN_MARK, leftovers, missing
 
 sys.path.insert(0, ROOT)
 
@@ -46,19 +47,44 @@ TEST_CONFIG = {
 }
 
 
+# -- the run as a whole ------------------------------------------------------------------
+
+
+def pytest_configure(config) -> None:
+    """Mark this pytest process's environment, so every process it starts can be told apart as ours."""
+    # Per process: an xdist worker replaces the mark it inherited from the controller.
+    os.environ[RUN_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_outlives_the_run() -> Iterator[None]:
+    """Fail the run if any process it started is still there after every other fixture's teardown."""
+    # Autouse and session-wide, so set up first and torn down last, after every server's fixture.
+    yield
+    left = leftovers(os.environ[RUN_MARK])
+    if left:
+        pytest.fail("processes outlived their fixtures (now killed):\n"
+                    + "\n".join(f"  {pid}: {cmd}" for pid, cmd in left.items()), pytrace=False)
+
+
+# -- databases ---------------------------------------------------------------------------
+
+
 def throwaway_mariadb() -> Iterator[MariaDB]:
     """Start a MariaDB server on loopback for as long as the caller holds it, or report the missing part."""
     server = MariaDB()
     if not server.available:
         missing("MariaDB server not installed (apt-get install mariadb-server)")
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()  # also after a failed start: nothing it started is left running
 
 
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDB]:
-    """Start one MariaDB server for the whole run."""
+    """Start one MariaDB server for the whole run (for each xdist worker, its own)."""
     yield from throwaway_mariadb()
 
 
@@ -221,8 +247,10 @@ def launch_chromium(*extra_args: str) -> Iterator:
         missing("Chromium is not installed (apt-get install chromium)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS + list(extra_args))
-        yield browser
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,14 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from typing import Optional
 
 import pymysql
+
+from support import free_port  # noqa: F401  (tests import it from here)
 
 SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec")
 
@@ -27,11 +28,8 @@ def find(*names: str) -> Optional[str]:
     return None
 
 
-def free_port() -> int:
-    """Ask the kernel for a free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PortTaken(RuntimeError):
+    """Another process took the port between its pick and the server's bind."""
 
 
 class MariaDB:
@@ -53,26 +51,36 @@ class MariaDB:
         return bool(self.server and self.installer)
 
     def start(self) -> None:
-        """Create a data folder, start the server and a password user for the tests."""
+        """Create a data folder, start the server and a password user for the tests.
+
+        Whatever this starts, stop() ends, also after a failed start.
+        """
         self.dir = tempfile.mkdtemp(prefix="pollgate-mariadb-")
         subprocess.run(
             [self.installer, "--no-defaults", f"--datadir={self.data}", "--user=" + _user(),
              "--auth-root-authentication-method=normal", "--skip-test-db"],
             check=True, capture_output=True, timeout=120,
         )
-        self.port = free_port()
-        self._boot(60)
+        for attempt in range(5):
+            self.port = free_port()
+            try:
+                self._boot(60)
+                break
+            except PortTaken:
+                if attempt == 4:
+                    raise
         with self.root() as conn, conn.cursor() as cur:
             for host in ("127.0.0.1", "localhost"):
                 cur.execute(f"CREATE USER IF NOT EXISTS '{self.USER}'@'{host}' IDENTIFIED BY '{self.PASSWORD}'")
                 cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{self.USER}'@'{host}'")
 
     def _launch(self) -> None:
+        self._log_start = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         self.proc = subprocess.Popen(
             [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", "--user=" + _user(),
              "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--max-connections=500",
-             "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.dir}/error.log"],
+             "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.log}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
@@ -105,6 +113,10 @@ class MariaDB:
         return os.path.join(self.dir, "data")
 
     @property
+    def log(self) -> str:
+        return os.path.join(self.dir, "error.log")
+
+    @property
     def socket(self) -> str:
         return os.path.join(self.dir, "mariadb.sock")
 
@@ -116,13 +128,17 @@ class MariaDB:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mariadbd exited; see {self.dir}/error.log")
+                with open(self.log, errors="replace") as handle:
+                    handle.seek(self._log_start)
+                    if "Address already in use" in handle.read():
+                        raise PortTaken(f"port {self.port} was taken")
+                raise RuntimeError(f"mariadbd exited; see {self.log}")
             try:
                 self.root().close()
                 return
             except pymysql.err.OperationalError:
                 time.sleep(0.1)
-        raise RuntimeError(f"mariadbd did not start in {timeout} s; see {self.dir}/error.log")
+        raise RuntimeError(f"mariadbd did not start in {timeout} s; see {self.log}")
 
     def new_database(self) -> str:
         """Create an empty database and return its SQLAlchemy URL (over TCP, as a password user)."""
@@ -138,7 +154,7 @@ class MariaDB:
             cur.execute(f"DROP DATABASE IF EXISTS {name}")
 
     def stop(self) -> None:
-        """Stop the server and remove its data."""
+        """Stop the server, if it runs, and remove its data."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
