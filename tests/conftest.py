@@ -1,11 +1,14 @@
 """Fixtures: an app on SQLite and on a throwaway MariaDB, a live HTTP server, accounts."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -13,13 +16,14 @@ from typing import Iterator
 import openai
 import pytest
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
 from support import ROOT, RUN_MARK, leftovers, missing
 
 sys.path.insert(0, ROOT)
 
-from mariadb import MariaDB  # noqa: E402
+from mariadb import MariaDB, database_name  # noqa: E402
 from passenger import passenger_site  # noqa: E402,F401  (a fixture for every module)
 from webapp import accounts, create_app, migrate, settings  # noqa: E402
 from webapp.db import db  # noqa: E402
@@ -92,7 +96,10 @@ def mariadb() -> Iterator[MariaDB]:
 def db_url(request, tmp_path) -> Iterator[str]:
     """Yield an empty database on each backend the product supports."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/pollgate.db"
+        path = str(tmp_path / "pollgate.db")
+        FRESH_SQLITE.add(path)
+        yield f"sqlite:///{path}"
+        FRESH_SQLITE.discard(path)
         return
     server = request.getfixturevalue("mariadb")
     url = server.new_database()
@@ -100,14 +107,69 @@ def db_url(request, tmp_path) -> Iterator[str]:
     server.drop_database(url)
 
 
+# SQLite files that db_url named and nothing has created yet: make_app copies the template there.
+FRESH_SQLITE: set[str] = set()
+
+
 def make_app(db_url: str, instance: str, **overrides):
-    """Create a migrated app for tests."""
+    """Create an app on a migrated database.
+
+    A fresh test database (from db_url or MariaDB.new_database) gets a copy of one migrated
+    once per run instead of every migration again; migrate.upgrade() then finds nothing to do.
+    """
+    copy_template(db_url)
     app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url, **overrides}, instance_path=instance)
     with app.app_context():
         migrate.upgrade()
         # No held-request budget unless a test sets one: many tests hold many requests.
         settings.save({"max_long_polls": 0, "max_streams": 0})
     return app
+
+
+def copy_template(db_url: str) -> None:
+    """Fill a fresh, empty test database with a copy of the run's migrated template of its backend."""
+    if db_url.startswith("sqlite"):
+        path = make_url(db_url).database
+        if path in FRESH_SQLITE and not os.path.exists(path):
+            # Created 0600, as the app creates its own file.
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as target, \
+                    open(sqlite_template(), "rb") as source:
+                shutil.copyfileobj(source, target)
+        return
+    server = next((s for s in MariaDB.started if db_url in s.fresh), None)
+    if server is None:
+        return
+    server.fresh.discard(db_url)
+    name = database_name(db_url)
+    if server.is_empty(name):
+        if server.template is None:
+            template = server.new_database()
+            server.fresh.discard(template)
+            server.template = database_name(migrated(template))
+        server.copy_database(server.template, name)
+
+
+@functools.lru_cache(maxsize=None)
+def sqlite_template() -> str:
+    """Migrate one SQLite database for the run and return its path."""
+    return make_url(migrated(f"sqlite:///{scratch()}/pollgate.db")).database
+
+
+def migrated(db_url: str) -> str:
+    """Run every migration on an empty database and return its URL."""
+    app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url}, instance_path=tempfile.mkdtemp(dir=scratch()))
+    with app.app_context():
+        migrate.upgrade()
+    app.extensions["pollgate.engine"].dispose()  # SQLite folds its WAL back into the file here
+    return db_url
+
+
+@functools.lru_cache(maxsize=None)
+def scratch() -> str:
+    """Return a folder for the run's templates, removed when the run ends."""
+    folder = tempfile.mkdtemp(prefix="pollgate-templates-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 @pytest.fixture

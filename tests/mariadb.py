@@ -36,6 +36,7 @@ class MariaDB:
     """One mariadbd process in a temporary data folder, with a password user for the app."""
 
     USER, PASSWORD = "pollgate", "pollgate-test"
+    started: list["MariaDB"] = []  # every server of this process that start() began and stop() has not ended
 
     def __init__(self) -> None:
         self.server = find("mariadbd", "mysqld")
@@ -44,6 +45,10 @@ class MariaDB:
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self._names = itertools.count(1)
+        # Databases made by new_database that nothing has used yet: make_app fills them from
+        # the template (a database migrated once) instead of migrating each one again.
+        self.fresh: set[str] = set()
+        self.template: Optional[str] = None
 
     @property
     def available(self) -> bool:
@@ -56,6 +61,7 @@ class MariaDB:
         Whatever this starts, stop() ends, also after a failed start.
         """
         self.dir = tempfile.mkdtemp(prefix="pollgate-mariadb-")
+        MariaDB.started.append(self)
         subprocess.run(
             [self.installer, "--no-defaults", f"--datadir={self.data}", "--user=" + _user(),
              "--auth-root-authentication-method=normal", "--skip-test-db"],
@@ -145,13 +151,36 @@ class MariaDB:
         name = f"pg_test_{os.getpid()}_{next(self._names)}"
         with self.root() as conn, conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        return f"mysql+pymysql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}?charset=utf8mb4"
+        url = f"mysql+pymysql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}?charset=utf8mb4"
+        self.fresh.add(url)
+        return url
 
     def drop_database(self, url: str) -> None:
         """Drop a database made by new_database."""
-        name = url.rsplit("/", 1)[1].split("?")[0]
+        self.fresh.discard(url)
         with self.root() as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"DROP DATABASE IF EXISTS {database_name(url)}")
+
+    def copy_database(self, source: str, target: str) -> None:
+        """Fill the empty database target with the tables, keys and rows of the database source.
+
+        SHOW CREATE TABLE, not CREATE TABLE ... LIKE: LIKE leaves out the foreign keys.
+        """
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute(f"SHOW FULL TABLES FROM {source} WHERE Table_type = 'BASE TABLE'")
+            tables = [row[0] for row in cur.fetchall()]
+            cur.execute(f"USE {target}")
+            cur.execute("SET SESSION foreign_key_checks = 0")  # tables come in name order, not dependency order
+            for table in tables:
+                cur.execute(f"SHOW CREATE TABLE {source}.`{table}`")
+                cur.execute(cur.fetchone()[1])
+                cur.execute(f"INSERT INTO `{table}` SELECT * FROM {source}.`{table}`")
+
+    def is_empty(self, name: str) -> bool:
+        """Tell whether a database has no tables."""
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s", (name,))
+            return cur.fetchone()[0] == 0
 
     def stop(self) -> None:
         """Stop the server, if it runs, and remove its data."""
@@ -164,6 +193,13 @@ class MariaDB:
                 self.proc.wait()
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self in MariaDB.started:
+            MariaDB.started.remove(self)
+
+
+def database_name(url: str) -> str:
+    """Return the database name a MariaDB URL names."""
+    return url.rsplit("/", 1)[1].split("?")[0]
 
 
 def _user() -> str:
