@@ -173,6 +173,8 @@ class PassengerSite:
                 dir=self.dir, port=self.port, user=USER, modules=MODULES, passenger_root=PASSENGER_ROOT,
                 pool_size=self.pool_size, app_root=self.app_root, base_uri=BASE_URI, python=app_python(),
                 set_env="\n".join(f'    SetEnv {name} "{_quote(value)}"' for name, value in self.env.items())))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, "apache2.pid"))  # _wait_ready waits for this launch's
         # A bare environment: nothing of the test run's (DATABASE_URL, CI, ...) reaches the app.
         with open(os.path.join(self.dir, "stderr.log"), "w") as stderr:  # config errors, before ErrorLog opens
             self.proc = subprocess.Popen([APACHE, "-f", conf, "-DFOREGROUND"], env=_bare_env(), start_new_session=True,
@@ -207,10 +209,18 @@ class PassengerSite:
     def _wait_ready(self, timeout: float = 60) -> bool:
         """Wait until the app answers; return False if Apache exited because its port was taken."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        # Apache writes its pid file after it bound its port: until then, whatever answers
+        # on the port is not this Apache.
+        while not os.path.exists(os.path.join(self.dir, "apache2.pid")):
             if self.proc.poll() is not None:
                 if "Address already in use" in _read(os.path.join(self.dir, "stderr.log")):
                     return False
+                raise RuntimeError(f"apache2 exited with {self.proc.returncode}\n{self.logs()}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"Apache did not start in {timeout} s\n{self.logs()}")
+            time.sleep(0.05)
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
                 raise RuntimeError(f"apache2 exited with {self.proc.returncode}\n{self.logs()}")
             try:
                 # The first request spawns the app; a 5xx here is Passenger failing to start it.
