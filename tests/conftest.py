@@ -67,12 +67,6 @@ def pytest_configure(config) -> None:
     os.environ[RUN_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """Run two xdist workers per core for -n auto: most of a test's time is spent waiting, not computing."""
-    # Measured on 2 busy cores: 4 workers 11 min, 2 workers 14 min, none 39 min.
-    return 2 * (os.cpu_count() or 1)
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items) -> None:
     """Keep each module that starts module-wide servers (Chromium, Apache) on one xdist worker.
