@@ -1,10 +1,14 @@
 """Fixtures: an app on SQLite and on a throwaway MariaDB, a live HTTP server, accounts."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -12,19 +16,27 @@ from typing import Iterator
 import openai
 import pytest
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 from werkzeug.serving import make_server
 
-from support import ROOT, missing
+from support import ROOT, RUN_MARK, leftovers, missing
 
 sys.path.insert(0, ROOT)
 
-from mariadb import MariaDB  # noqa: E402
+from mariadb import MariaDB, database_name  # noqa: E402
 from passenger import passenger_site  # noqa: E402,F401  (a fixture for every module)
 from webapp import accounts, create_app, migrate, settings  # noqa: E402
 from webapp.db import db  # noqa: E402
 from webapp.models import User  # noqa: E402
 
 PASSWORD = "correct horse battery"  # every test account's
+
+# werkzeug's scrypt costs 0.13 s of CPU for each hash and each check: about 900 of them, a
+# sixth of the suite's CPU on 2 cores. In this process the app hashes with one round of
+# PBKDF2 instead; the code path is the same (hash, store, check by the method named in the
+# hash), and servers the tests start as processes (gunicorn, Passenger, the CLIs) keep
+# scrypt. Set before webapp.auth makes its dummy hash, so the two stay alike.
+accounts.generate_password_hash = functools.partial(accounts.generate_password_hash, method="pbkdf2:sha256:1")
 
 # Short timings keep fault tests quick; production defaults are in webapp/config.py.
 TEST_CONFIG = {
@@ -46,27 +58,87 @@ TEST_CONFIG = {
 }
 
 
+# -- the run as a whole ------------------------------------------------------------------
+
+
+def pytest_configure(config) -> None:
+    """Mark this pytest process's environment, so every process it starts can be told apart as ours."""
+    # Per process: an xdist worker replaces the mark it inherited from the controller.
+    os.environ[RUN_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """Keep each module that starts module-wide servers (Chromium, Apache) on one xdist worker.
+
+    Under --dist loadgroup the other tests spread one by one; these would otherwise start
+    their module's servers once on every worker that got one of them.
+    """
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_outlives_the_run() -> Iterator[None]:
+    """Fail the run if any process it started is still there after every other fixture's teardown."""
+    # Autouse and session-wide, so set up first and torn down last, after every server's fixture.
+    yield
+    left = leftovers(os.environ[RUN_MARK])
+    if left:
+        pytest.fail("processes outlived their fixtures (now killed):\n"
+                    + "\n".join(f"  {pid}: {cmd}" for pid, cmd in left.items()), pytrace=False)
+
+
+# -- databases ---------------------------------------------------------------------------
+
+
 def throwaway_mariadb() -> Iterator[MariaDB]:
     """Start a MariaDB server on loopback for as long as the caller holds it, or report the missing part."""
     server = MariaDB()
     if not server.available:
         missing("MariaDB server not installed (apt-get install mariadb-server)")
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()  # also after a failed start: nothing it started is left running
 
 
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDB]:
-    """Start one MariaDB server for the whole run."""
+    """Start one MariaDB server for the whole run (for each xdist worker, its own)."""
     yield from throwaway_mariadb()
 
 
-@pytest.fixture(params=["sqlite", "mariadb"])
+# Modules whose tests run on MariaDB twice: on the SKIP LOCKED claim path and on the
+# compare-and-swap one most shared hosts get (MariaDB < 10.6, MySQL 5.7).
+BOTH_CLAIM_PATHS = {"test_api", "test_queue"}
+BACKENDS = ["sqlite", "mariadb"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc) -> None:
+    """Add the "mariadb-cas" backend to the db_url of tests in BOTH_CLAIM_PATHS modules."""
+    if "db_url" not in metafunc.fixturenames or metafunc.module.__name__ not in BOTH_CLAIM_PATHS:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if "db_url" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return  # the test picks its own backends
+    # As a marker, so pytest's own parametrizing of the fixture steps aside for it.
+    metafunc.definition.add_marker(pytest.mark.parametrize("db_url", [*BACKENDS, "mariadb-cas"], indirect=True))
+
+
+@pytest.fixture(params=BACKENDS)
 def db_url(request, tmp_path) -> Iterator[str]:
     """Yield an empty database on each backend the product supports."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/pollgate.db"
+        path = str(tmp_path / "pollgate.db")
+        FRESH_SQLITE.add(path)
+        yield f"sqlite:///{path}"
+        FRESH_SQLITE.discard(path)
         return
     server = request.getfixturevalue("mariadb")
     url = server.new_database()
@@ -74,14 +146,76 @@ def db_url(request, tmp_path) -> Iterator[str]:
     server.drop_database(url)
 
 
+@pytest.fixture
+def claim_path(request) -> str:
+    """Return the CLAIM_PATH the parametrised backend asks for ("auto" but on "mariadb-cas")."""
+    callspec = getattr(request.node, "callspec", None)
+    return "cas" if callspec and callspec.params.get("db_url") == "mariadb-cas" else "auto"
+
+
+# SQLite files that db_url named and nothing has created yet: make_app copies the template there.
+FRESH_SQLITE: set[str] = set()
+
+
 def make_app(db_url: str, instance: str, **overrides):
-    """Create a migrated app for tests."""
+    """Create an app on a migrated database.
+
+    A fresh test database (from db_url or MariaDB.new_database) gets a copy of one migrated
+    once per run instead of every migration again; migrate.upgrade() then finds nothing to do.
+    """
+    copy_template(db_url)
     app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url, **overrides}, instance_path=instance)
     with app.app_context():
         migrate.upgrade()
         # No held-request budget unless a test sets one: many tests hold many requests.
         settings.save({"max_long_polls": 0, "max_streams": 0})
     return app
+
+
+def copy_template(db_url: str) -> None:
+    """Fill a fresh, empty test database with a copy of the run's migrated template of its backend."""
+    if db_url.startswith("sqlite"):
+        path = make_url(db_url).database
+        if path in FRESH_SQLITE and not os.path.exists(path):
+            # Created 0600, as the app creates its own file.
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as target, \
+                    open(sqlite_template(), "rb") as source:
+                shutil.copyfileobj(source, target)
+        return
+    server = next((s for s in MariaDB.started if db_url in s.fresh), None)
+    if server is None:
+        return
+    server.fresh.discard(db_url)
+    name = database_name(db_url)
+    if server.is_empty(name):
+        if server.template is None:
+            template = server.new_database()
+            server.fresh.discard(template)
+            server.template = database_name(migrated(template))
+        server.copy_database(server.template, name)
+
+
+@functools.lru_cache(maxsize=None)
+def sqlite_template() -> str:
+    """Migrate one SQLite database for the run and return its path."""
+    return make_url(migrated(f"sqlite:///{scratch()}/pollgate.db")).database
+
+
+def migrated(db_url: str) -> str:
+    """Run every migration on an empty database and return its URL."""
+    app = create_app({**TEST_CONFIG, "DATABASE_URL": db_url}, instance_path=tempfile.mkdtemp(dir=scratch()))
+    with app.app_context():
+        migrate.upgrade()
+    app.extensions["pollgate.engine"].dispose()  # SQLite folds its WAL back into the file here
+    return db_url
+
+
+@functools.lru_cache(maxsize=None)
+def scratch() -> str:
+    """Return a folder for the run's templates, removed when the run ends."""
+    folder = tempfile.mkdtemp(prefix="pollgate-templates-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 @pytest.fixture
@@ -91,9 +225,9 @@ def app_config() -> dict:
 
 
 @pytest.fixture
-def app(db_url, tmp_path, app_config):
+def app(db_url, tmp_path, app_config, claim_path):
     """A migrated app on the parametrised database."""
-    app = make_app(db_url, str(tmp_path / "instance"), **app_config)
+    app = make_app(db_url, str(tmp_path / "instance"), **{"CLAIM_PATH": claim_path, **app_config})
     yield app
     app.extensions["pollgate.engine"].dispose()
 
@@ -221,8 +355,10 @@ def launch_chromium(*extra_args: str) -> Iterator:
         missing("Chromium is not installed (apt-get install chromium)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS + list(extra_args))
-        yield browser
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")

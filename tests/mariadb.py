@@ -5,13 +5,14 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from typing import Optional
 
 import pymysql
+
+from support import free_port  # noqa: F401  (tests import it from here)
 
 SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin", "/usr/libexec")
 
@@ -27,17 +28,15 @@ def find(*names: str) -> Optional[str]:
     return None
 
 
-def free_port() -> int:
-    """Ask the kernel for a free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PortTaken(RuntimeError):
+    """Another process took the port between its pick and the server's bind."""
 
 
 class MariaDB:
     """One mariadbd process in a temporary data folder, with a password user for the app."""
 
     USER, PASSWORD = "pollgate", "pollgate-test"
+    started: list["MariaDB"] = []  # every server of this process that start() began and stop() has not ended
 
     def __init__(self) -> None:
         self.server = find("mariadbd", "mysqld")
@@ -46,6 +45,10 @@ class MariaDB:
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self._names = itertools.count(1)
+        # Databases made by new_database that nothing has used yet: make_app fills them from
+        # the template (a database migrated once) instead of migrating each one again.
+        self.fresh: set[str] = set()
+        self.template: Optional[str] = None
 
     @property
     def available(self) -> bool:
@@ -53,26 +56,37 @@ class MariaDB:
         return bool(self.server and self.installer)
 
     def start(self) -> None:
-        """Create a data folder, start the server and a password user for the tests."""
+        """Create a data folder, start the server and a password user for the tests.
+
+        Whatever this starts, stop() ends, also after a failed start.
+        """
         self.dir = tempfile.mkdtemp(prefix="pollgate-mariadb-")
+        MariaDB.started.append(self)
         subprocess.run(
             [self.installer, "--no-defaults", f"--datadir={self.data}", "--user=" + _user(),
              "--auth-root-authentication-method=normal", "--skip-test-db"],
             check=True, capture_output=True, timeout=120,
         )
-        self.port = free_port()
-        self._boot(60)
+        for attempt in range(5):
+            self.port = free_port()
+            try:
+                self._boot(60)
+                break
+            except PortTaken:
+                if attempt == 4:
+                    raise
         with self.root() as conn, conn.cursor() as cur:
             for host in ("127.0.0.1", "localhost"):
                 cur.execute(f"CREATE USER IF NOT EXISTS '{self.USER}'@'{host}' IDENTIFIED BY '{self.PASSWORD}'")
                 cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{self.USER}'@'{host}'")
 
     def _launch(self) -> None:
+        self._log_start = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         self.proc = subprocess.Popen(
             [self.server, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", "--user=" + _user(),
              "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--max-connections=500",
-             "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.dir}/error.log"],
+             "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.log}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
@@ -105,40 +119,73 @@ class MariaDB:
         return os.path.join(self.dir, "data")
 
     @property
+    def log(self) -> str:
+        return os.path.join(self.dir, "error.log")
+
+    @property
     def socket(self) -> str:
         return os.path.join(self.dir, "mariadb.sock")
 
     def root(self) -> pymysql.Connection:
         """Connect as root over the socket."""
-        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True)
+        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True, ssl_disabled=True)
 
     def _wait_ready(self, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mariadbd exited; see {self.dir}/error.log")
+                with open(self.log, errors="replace") as handle:
+                    handle.seek(self._log_start)
+                    if "Address already in use" in handle.read():
+                        raise PortTaken(f"port {self.port} was taken")
+                raise RuntimeError(f"mariadbd exited; see {self.log}")
             try:
                 self.root().close()
                 return
             except pymysql.err.OperationalError:
                 time.sleep(0.1)
-        raise RuntimeError(f"mariadbd did not start in {timeout} s; see {self.dir}/error.log")
+        raise RuntimeError(f"mariadbd did not start in {timeout} s; see {self.log}")
 
     def new_database(self) -> str:
         """Create an empty database and return its SQLAlchemy URL (over TCP, as a password user)."""
         name = f"pg_test_{os.getpid()}_{next(self._names)}"
         with self.root() as conn, conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
-        return f"mysql+pymysql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}?charset=utf8mb4"
+        # ssl_disabled: this server has no TLS, and PyMySQL would otherwise build a TLS context,
+        # loading the system's CA certificates (0.05-0.1 s), for every connection to find that out.
+        url = f"mysql+pymysql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{name}?charset=utf8mb4&ssl_disabled=1"
+        self.fresh.add(url)
+        return url
 
     def drop_database(self, url: str) -> None:
         """Drop a database made by new_database."""
-        name = url.rsplit("/", 1)[1].split("?")[0]
+        self.fresh.discard(url)
         with self.root() as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"DROP DATABASE IF EXISTS {database_name(url)}")
+
+    def copy_database(self, source: str, target: str) -> None:
+        """Fill the empty database target with the tables, keys and rows of the database source.
+
+        SHOW CREATE TABLE, not CREATE TABLE ... LIKE: LIKE leaves out the foreign keys.
+        """
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute(f"SHOW FULL TABLES FROM {source} WHERE Table_type = 'BASE TABLE'")
+            tables = [row[0] for row in cur.fetchall()]
+            cur.execute(f"USE {target}")
+            cur.execute("SET SESSION foreign_key_checks = 0")  # tables come in name order, not dependency order
+            for table in tables:
+                cur.execute(f"SHOW CREATE TABLE {source}.`{table}`")
+                cur.execute(cur.fetchone()[1])
+                cur.execute(f"INSERT INTO `{table}` SELECT * FROM {source}.`{table}`")
+
+    def is_empty(self, name: str) -> bool:
+        """Tell whether a database has no tables."""
+        with self.root() as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s", (name,))
+            return cur.fetchone()[0] == 0
 
     def stop(self) -> None:
-        """Stop the server and remove its data."""
+        """Stop the server, if it runs, and remove its data."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -148,6 +195,13 @@ class MariaDB:
                 self.proc.wait()
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self in MariaDB.started:
+            MariaDB.started.remove(self)
+
+
+def database_name(url: str) -> str:
+    """Return the database name a MariaDB URL names."""
+    return url.rsplit("/", 1)[1].split("?")[0]
 
 
 def _user() -> str:

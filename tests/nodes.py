@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ from gunicorn.config import KNOWN_SETTINGS
 from sqlalchemy import func, select
 
 from conftest import ROOT, Account, make_account, make_app
-from mariadb import MariaDB, free_port
+from mariadb import MariaDB
+from support import children
 from webapp import accounts, budget
 from webapp.db import db
 from webapp.models import Job
@@ -69,10 +71,20 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 @contextlib.contextmanager
-def spawned(args: list[str], env: dict[str, str], log_path: str) -> Iterator[subprocess.Popen]:
-    """Run a command in its own process group, and SIGKILL the whole group when the block ends."""
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def spawned(args: list[str], env: dict[str, str], log_path: str, listener: Optional[socket.socket] = None
+            ) -> Iterator[subprocess.Popen]:
+    """Run a command in its own process group, and SIGKILL the whole group when the block ends.
+
+    A listener is handed to the command (as its file descriptor) and closed here: once the
+    command dies, nothing of ours answers on that port.
+    """
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, pass_fds=(listener.fileno(),) if listener else ())
+    finally:
+        if listener is not None:
+            listener.close()
     try:
         yield proc
     finally:
@@ -85,21 +97,6 @@ def spawned(args: list[str], env: dict[str, str], log_path: str) -> Iterator[sub
             proc.wait(timeout=10)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
-
-
-def children(pid: int) -> list[int]:
-    """List the live child processes of pid, read from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
 
 
 # gunicorn 27 opens a control socket at one fixed path per user; nodes (and test runs) side by side
@@ -141,10 +138,14 @@ def gunicorn_node(db_url: str, instance: str, workers: int = 1, threads: Optiona
     threads=None keeps gunicorn.conf.py's own thread count.
     """
     os.makedirs(instance, exist_ok=True)
-    port = free_port()
+    # The node gets a socket already bound to a port the kernel chose (gunicorn's fd://), so no
+    # other process can take the port between its pick and the node's bind.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=2048)
+    port = listener.getsockname()[1]
     settings = {"DEFAULT_TIER": None, "DB_POOL_SIZE": 8, "WAKE_RECHECK": 0.5, **settings}
     env = {**os.environ, "DATABASE_URL": db_url, "SECRET_KEY": "shared-by-all-nodes",
-           "POLLGATE_INSTANCE_PATH": instance, "POLLGATE_BIND": f"127.0.0.1:{port}", "POLLGATE_WORKERS": str(workers),
+           "POLLGATE_INSTANCE_PATH": instance, "POLLGATE_BIND": f"fd://{listener.fileno()}",
+           "POLLGATE_WORKERS": str(workers),
            **{f"POLLGATE_{name}": json.dumps(value) for name, value in settings.items()}}
     if threads is None:
         env.pop("POLLGATE_THREADS", None)
@@ -153,7 +154,7 @@ def gunicorn_node(db_url: str, instance: str, workers: int = 1, threads: Optiona
     log_path = os.path.join(instance, "gunicorn.log")
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *NO_CONTROL_SOCKET,
             "passenger_wsgi:application"]
-    with spawned(args, env, log_path) as proc:
+    with spawned(args, env, log_path, listener) as proc:
         node = Node(proc, f"http://127.0.0.1:{port}", log_path)
         _wait_ready(node)
         try:

@@ -1,11 +1,11 @@
 """A real Apache + mod_passenger serving passenger_wsgi.py under /api, laid out as cPanel does it."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -14,8 +14,8 @@ from typing import Callable, Iterator, Optional
 import pytest
 import requests
 
-from support import ROOT, missing
-from mariadb import find, free_port
+from support import ROOT, RUN_MARK, descendants, free_port, missing, reap
+from mariadb import find
 
 APACHE = find("apache2", "httpd")
 PASSENGER_STATUS = find("passenger-status")
@@ -154,8 +154,14 @@ class PassengerSite:
             self._lay_out()
             if self.migrate:
                 self.flask("db-upgrade")
-            self._launch()
-            self._wait_ready()
+            for attempt in range(5):
+                self._launch()
+                if self._wait_ready():
+                    break
+                # Another process took the port between its pick and Apache's bind: take another.
+                assert attempt < 4, f"Apache found its port taken five times\n{self.logs()}"
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}{BASE_URI}"
         except BaseException:
             self.stop()  # a failed start leaves nothing running; the logs are in the error
             raise
@@ -167,6 +173,8 @@ class PassengerSite:
                 dir=self.dir, port=self.port, user=USER, modules=MODULES, passenger_root=PASSENGER_ROOT,
                 pool_size=self.pool_size, app_root=self.app_root, base_uri=BASE_URI, python=app_python(),
                 set_env="\n".join(f'    SetEnv {name} "{_quote(value)}"' for name, value in self.env.items())))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, "apache2.pid"))  # _wait_ready waits for this launch's
         # A bare environment: nothing of the test run's (DATABASE_URL, CI, ...) reaches the app.
         with open(os.path.join(self.dir, "stderr.log"), "w") as stderr:  # config errors, before ErrorLog opens
             self.proc = subprocess.Popen([APACHE, "-f", conf, "-DFOREGROUND"], env=_bare_env(), start_new_session=True,
@@ -198,8 +206,19 @@ class PassengerSite:
             raise RuntimeError(f"flask {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done.stdout
 
-    def _wait_ready(self, timeout: float = 60) -> None:
+    def _wait_ready(self, timeout: float = 60) -> bool:
+        """Wait until the app answers; return False if Apache exited because its port was taken."""
         end = time.monotonic() + timeout
+        # Apache writes its pid file after it bound its port: until then, whatever answers
+        # on the port is not this Apache.
+        while not os.path.exists(os.path.join(self.dir, "apache2.pid")):
+            if self.proc.poll() is not None:
+                if "Address already in use" in _read(os.path.join(self.dir, "stderr.log")):
+                    return False
+                raise RuntimeError(f"apache2 exited with {self.proc.returncode}\n{self.logs()}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"Apache did not start in {timeout} s\n{self.logs()}")
+            time.sleep(0.05)
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"apache2 exited with {self.proc.returncode}\n{self.logs()}")
@@ -211,7 +230,7 @@ class PassengerSite:
                 continue
             if response.status_code >= 500:
                 raise RuntimeError(f"the app did not start: {response.status_code}\n{self.logs()}")
-            return
+            return True
         raise RuntimeError(f"Apache did not answer in {timeout} s\n{self.logs()}")
 
     def restart(self) -> None:
@@ -222,7 +241,7 @@ class PassengerSite:
 
     def app_pids(self) -> list[int]:
         """Return the pids of the app's processes: the Pythons Passenger spawned with its WSGI loader."""
-        return [pid for pid in _descendants(self.proc.pid) if "wsgi-loader.py" in _read(f"/proc/{pid}/cmdline")]
+        return [pid for pid in descendants(self.proc.pid) if "wsgi-loader.py" in _read(f"/proc/{pid}/cmdline")]
 
     def serving(self, path: str) -> list[int]:
         """Return the pids of the app processes serving a request for path (e.g. /v1/models) now.
@@ -252,7 +271,7 @@ class PassengerSite:
     def stop(self) -> None:
         """Stop Apache, its Passenger agents and the app processes, and remove the site."""
         if self.proc is not None and self.proc.poll() is None:
-            family = _descendants(self.proc.pid)
+            family = descendants(self.proc.pid)
             # SIGTERM stops Apache at once; Passenger's watchdog sees it go and stops the rest.
             self.proc.terminate()
             try:
@@ -260,7 +279,7 @@ class PassengerSite:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            _reap(family)
+            reap(family)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -270,21 +289,20 @@ def passenger_site() -> Iterator[Callable[..., PassengerSite]]:
     reason = missing_part()
     if reason:
         missing(reason)
-    sites = []
+    with contextlib.ExitStack() as running:  # every site is stopped, even if stopping another fails
+        def start(env: Optional[dict[str, str]] = None, **options) -> PassengerSite:
+            site = PassengerSite(env, **options)
+            running.callback(site.stop)
+            site.start()
+            return site
 
-    def start(env: Optional[dict[str, str]] = None, **options) -> PassengerSite:
-        site = PassengerSite(env, **options)
-        sites.append(site)
-        site.start()
-        return site
-
-    yield start
-    for site in sites:
-        site.stop()
+        yield start
 
 
 def _bare_env() -> dict[str, str]:
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    # The run's mark, so a Passenger process that outlived its Apache is still found as ours.
+    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+            RUN_MARK: os.environ.get(RUN_MARK, "")}
 
 
 def _quote(value: str) -> str:
@@ -297,46 +315,3 @@ def _read(path: str) -> str:
             return handle.read()
     except FileNotFoundError:
         return "(none)"
-
-
-def _descendants(pid: int) -> list[int]:
-    """List a process's descendants, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Tell whether a process still runs (a zombie waiting for init to reap it does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _reap(pids: list[int], timeout: float = 15) -> None:
-    """Wait for these processes to exit; kill those still there after the timeout."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        pids = [pid for pid in pids if _alive(pid)]
-        if not pids:
-            return
-        time.sleep(0.05)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
