@@ -12,7 +12,8 @@ page set, or with `.gate` "login_gate", gets 403 {"code":"LOGIN_GATE"} (the user
 use the user's own session); a `mode` not in `.modes` gets a 400 that names it (an older
 site); with `.recaptcha` on (the default, as on the real site) a body without a
 recaptchaV3Token gets 403 {"error":"recaptcha validation failed"}. Every body received is in
-`.requests`. Then the prompt (the user message, or an image prompt) picks the answer:
+`.requests`; how each answer's stream ended is in `.endings`, "whole" or "cut" (the reader
+went away before the last line). Then the prompt (the user message, or an image prompt) picks the answer:
 
     contains "forbidden"    429 {"error":"prompt failed"}: the site refuses that prompt
     contains "draw"         a heartbeat, then an image line (a2) pointing at the CDN's cat.png
@@ -91,6 +92,7 @@ class FakeArena:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.endings: list[str] = []
         self.reset()
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(CERT)
@@ -102,6 +104,7 @@ class FakeArena:
     def reset(self) -> None:
         """Back to the real site's behaviour, with no request seen."""
         self.requests.clear()
+        self.endings.clear()
         self.gate = ""
         self.modes = ("direct-battle", "direct", "battle", "side-by-side")
         self.recaptcha = True
@@ -150,7 +153,16 @@ class FakeArena:
         if "forbidden" in prompt:
             return _json(429, {"error": "prompt failed"})
         framing = "data: " if "framed" in prompt else ""
-        return Response((framing + line for line in lines(prompt)), mimetype="text/plain")
+        return Response(self._watched(framing + line for line in lines(prompt)), mimetype="text/plain")
+
+    def _watched(self, answer):
+        # The server closes the generator when a write fails: that is the reader hanging up.
+        ending = "cut"
+        try:
+            yield from answer
+            ending = "whole"
+        finally:
+            self.endings.append(ending)
 
 
 def _json(status: int, body: dict) -> Response:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from conftest import ROOT, Account, make_account, make_app
 from mariadb import MariaDB
-from support import children
+from support import children, wait_for  # noqa: F401  (wait_for: the fault tests take it from here)
 from webapp import accounts, budget
 from webapp.db import db
 from webapp.models import Job
@@ -53,18 +53,6 @@ def bounded(seconds: float) -> Callable:
                 signal.signal(signal.SIGALRM, previous)
         return run
     return decorate
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until condition() is truthy and return it, or fail naming what never happened."""
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- processes ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import time
+from typing import Any, Callable
 
 import pytest
 
@@ -22,6 +23,18 @@ def missing(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} -- CI must provide it", pytrace=False)
     pytest.skip(f"MISSING PART, NOT TESTED: {reason}")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until condition() is truthy and return it, or fail naming what never happened."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def wait_for_hangup(connection: socket.socket, bound: float = 30) -> float:

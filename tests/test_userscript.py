@@ -16,13 +16,14 @@ import requests
 from sqlalchemy import select
 
 from conftest import ROOT, csrf, expect, launch_chromium, make_account, read_until_error, sign_in
-from fake_arena import ANSWER, CAT_PNG, CHAT_MODELS, IMAGE_MODELS, PARTIAL, REASONING, SPLIT, USAGE, FakeArena
+from fake_arena import (ANSWER, CAT_PNG, CHAT_MODELS, IMAGE_MODELS, PARTIAL, REASONING, SLOW_PIECES, SPLIT, USAGE,
+                        FakeArena)
 from fake_upstream import ANSWER as LOCAL_ANSWER, LONG_ID_TOOL_CALLS, start_fake_upstream
-from support import wait_for_hangup
+from support import wait_for, wait_for_hangup
 from webapp import config as gateway_config
 from webapp import userscript
 from webapp.db import db
-from webapp.models import Job, Worker
+from webapp.models import Chunk, Job, Worker
 
 SHIM = open(os.path.join(ROOT, "tests", "gm_shim.js")).read()
 PROMPT = [{"role": "user", "content": "hello arena"}]
@@ -371,6 +372,30 @@ def test_pause_and_resume_from_the_panel(arena_tab, live, account):
     assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
 
 
+def test_a_client_that_hangs_up_stops_the_tab_and_its_request_to_the_site(app, arena, arena_tab, live, account):
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    stream = api.chat.completions.create(model="arena-text", stream=True,
+                                         messages=[{"role": "user", "content": "slow please"}])
+    for received, _ in enumerate(stream, 1):
+        if received == 3:
+            break
+    stream.close()
+    wait_for(lambda: job_state(app) == ("cancelled", "client_gone"), 20, "the job cancelled")
+    # Told to stop on its next report, the tab aborts its own request: the site stops writing
+    # long before its 6 s answer would have ended by itself.
+    wait_for(lambda: arena.endings, 20, "the site's answer to end")
+    assert arena.endings == ["cut"] and len(arena.requests) == 1
+    wait_state(arena_tab, "connected")
+
+
+def job_state(app) -> tuple[str, str | None]:
+    """The state and error code of the latest job."""
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job).order_by(Job.id.desc()))
+    return job.state, job.error_code
+
+
 def test_closing_the_tab_mid_answer_fails_the_job_cleanly(app, arena_tab, live, account):
     api = client(live, account)
     wait_models(api, "arena-text")
@@ -706,8 +731,10 @@ def test_the_committed_userscript_is_built_from_its_sources():
 
 class GatewayProxy:
     """Forwards the worker's calls to the gateway, except that it leaves the chunk reports
-    numbered in `.hang_reports` (from 0) unanswered until the tab gives up on them, and
-    answers calls with `.canned` answers while it has some for that path."""
+    numbered in `.hang_reports` (from 0) unanswered until the tab gives up on them, loses the
+    first report from number `.lose_from` on that carries output (answering "ok" for it
+    without passing it on), and answers calls with `.canned` answers while it has some for
+    that path. `.answers` keeps the gateway's answers to reports."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -717,6 +744,9 @@ class GatewayProxy:
         self.hung: list[tuple[float, float]] = []  # (received, abandoned by the tab)
         self.canned: dict[str, list[tuple[int, dict, bytes]]] = {}
         self.statuses: list[dict] = []  # the bodies of the worker's status calls
+        self.lose_from: int | None = None
+        self.lost: list[dict] = []  # the reports lost
+        self.answers: list[dict] = []
         handler = type("Handler", (_ProxyHandler,), {"proxy": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
@@ -727,13 +757,19 @@ class GatewayProxy:
         with self.lock:
             return [at for k, at in self.calls if k == kind]
 
-    def take(self, kind: str):
+    def take(self, kind: str, body: bytes):
         """Record a call; return "hang", a canned answer, or None to forward it."""
         with self.lock:
-            hang = kind == "chunks" and len([k for k, _ in self.calls if k == "chunks"]) in self.hang_reports
+            number = len([k for k, _ in self.calls if k == "chunks"])
             self.calls.append((kind, time.monotonic()))
-            if hang:
+            if kind == "chunks" and number in self.hang_reports:
                 return "hang"
+            if kind == "chunks" and self.lose_from is not None and number >= self.lose_from and not self.lost:
+                [entry] = json.loads(body)["jobs"]
+                if entry.get("chunks") and "finish" not in entry and "error" not in entry:
+                    self.lost.append(entry)
+                    ok = {"id": entry["id"], "ok": True, "next_seq": entry["chunks"][-1]["seq"] + 1, "stop": False}
+                    return 200, {"Content-Type": "application/json"}, json.dumps({"jobs": [ok]}).encode()
             return self.canned[kind].pop(0) if self.canned.get(kind) else None
 
     def hang(self, connection) -> None:
@@ -759,7 +795,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.endswith("/status"):
             self.proxy.statuses.append(json.loads(body))
-        action = self.proxy.take(self.path.rsplit("/", 1)[-1])
+        kind = self.path.rsplit("/", 1)[-1]
+        action = self.proxy.take(kind, body)
         if action == "hang":
             self.proxy.hang(self.connection)
             self.close_connection = True
@@ -769,6 +806,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 "Authorization": self.headers["Authorization"], "Content-Type": "application/json"})
             headers = {k: answer.headers[k] for k in ("Content-Type", "Retry-After") if k in answer.headers}
             action = (answer.status_code, headers, answer.content)
+            if kind == "chunks" and answer.status_code == 200:
+                self.proxy.answers.extend(answer.json()["jobs"])
         status, headers, data = action
         self.send_response(status)
         for name, value in headers.items():
@@ -850,3 +889,47 @@ def test_busy_and_broken_claim_answers_are_waited_out_and_said(chromium_open, ar
     api = client(live, account)
     assert api.chat.completions.create(model="arena-text", messages=PROMPT).choices[0].message.content
     context.close()
+
+
+def test_a_report_the_gateway_never_got_is_sent_again_on_its_seq_gap(app, chromium_open, arena, account, live, proxy):
+    proxy.lose_from = 2
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
+    context.new_page().goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    stream = api.chat.completions.create(model="arena-text", stream=True,
+                                         messages=[{"role": "user", "content": "slow please"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    context.close()
+    assert proxy.lost, "no report was lost on the way: the test tested nothing"
+    assert [a["next_seq"] for a in proxy.answers if a.get("reason") == "seq_gap"] == [proxy.lost[0]["chunks"][0]["seq"]]
+    # Every piece once, in order: the lost ones were sent again, nothing twice.
+    assert text == "".join(f"piece {i} " for i in range(SLOW_PIECES))
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job))
+        seqs = list(s.scalars(select(Chunk.seq).where(Chunk.job_id == job.id).order_by(Chunk.seq)))
+    assert (job.state, job.attempts) == ("completed", 1) and seqs == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 12.0}])
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_busy_answer_to_a_report_is_waited_out_within_the_lease(app, chromium_open, arena, account, live, proxy,
+                                                                  status):
+    busy = {"error": {"message": "Busy.", "type": "service_unavailable", "param": None, "code": "gateway_busy"}}
+    # Retry-After asks for longer than the lease: waiting it out would lose the job.
+    proxy.canned["chunks"] = [(status, {"Content-Type": "application/json", "Retry-After": "30"},
+                               json.dumps(busy).encode())]
+    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
+    context.new_page().goto(arena.url + "/")
+    api = client(live, account)
+    wait_models(api, "arena-text")
+    reply = api.chat.completions.create(model="arena-text", messages=PROMPT)
+    context.close()
+    assert reply.choices[0].message.content.startswith(ANSWER)
+    refused, resent = proxy.times("chunks")[:2]
+    # Backed off (timers never fire early; the wait is 0.8-1 of a twelfth of the lease, 1 s),
+    # and sent again well inside the lease rather than after the 30 s asked for.
+    assert 0.75 <= resent - refused < 4
+    with app.app_context(), db.read() as s:
+        job = s.scalar(select(Job))
+    assert (job.state, job.attempts) == ("completed", 1)

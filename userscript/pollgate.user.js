@@ -260,11 +260,12 @@ class Reporter {
     this.schedule(this.timings.heartbeatMs);
   }
 
-  // Send the next report within `ms` (a sooner one stands), and not before retryAt.
+  // Send the next report within `ms` (a sooner one stands), and not before retryAt: a timer
+  // set before a report failed is moved back, or it would resend before the backoff.
   schedule(ms) {
     if (this.stopped) return;
     const at = Math.max(Date.now() + ms, this.retryAt);
-    if (this.timer !== null && this.timerAt <= at) return;
+    if (this.timer !== null && this.timerAt <= at && this.timerAt >= this.retryAt) return;
     clearTimeout(this.timer);
     this.timerAt = at;
     this.timer = setTimeout(() => { this.timer = null; this.flush(); }, at - Date.now());
@@ -279,8 +280,9 @@ class Reporter {
   async finish(end) {
     this.end = end;
     while (!this.stopped && this.end) {
-      await this.flush();
-      if (!this.stopped && this.end) await sleep(Math.max(0, this.retryAt - Date.now()));
+      // A report that just failed set retryAt: the last one waits for it like any other.
+      await sleep(Math.max(0, this.retryAt - Date.now()));
+      if (!this.stopped) await this.flush();
     }
     this.stop();
   }
