@@ -98,7 +98,7 @@ class FakeArena:
         tls.load_cert_chain(CERT)
         self.server = make_server("127.0.0.1", 0, self.wsgi, threaded=True, ssl_context=tls)
         self.url = URL
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def reset(self) -> None:

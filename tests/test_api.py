@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from conftest import read_until_error
+from conftest import VALIDATION_ONLY, read_until_error
 from protocol import ProtoWorker, StreamReader, WorkerThread
 from webapp import jobs, token_count
 from webapp.models import Job, Usage
@@ -225,6 +225,7 @@ BAD_BODIES = [
 ]
 
 
+@VALIDATION_ONLY
 @pytest.mark.parametrize("body, param", BAD_BODIES)
 def test_invalid_request_is_400_naming_the_param(app, account, live, body, param):
     with pytest.raises(openai.BadRequestError) as err:
@@ -237,6 +238,7 @@ def test_invalid_request_is_400_naming_the_param(app, account, live, body, param
         assert s.query(Job).count() == 0
 
 
+@VALIDATION_ONLY
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"'])
 def test_unparseable_body_is_400(app, account, live, raw):
     r = requests.post(f"{live.url}/v1/chat/completions", data=raw, timeout=10,
@@ -417,6 +419,7 @@ BAD_MESSAGES = [
 ]
 
 
+@VALIDATION_ONLY
 @pytest.mark.parametrize("messages, param", BAD_MESSAGES)
 def test_malformed_tool_calls_and_names_are_400_naming_the_field(app, account, live, messages, param):
     with pytest.raises(openai.BadRequestError) as err:

@@ -270,7 +270,8 @@ def test_worker_rides_out_a_gateway_outage(app, account):
         assert any("cannot reach the gateway" in line for line in log), log
         assert proc.poll() is None
         server = make_server("127.0.0.1", port, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        # shutdown() waits out serve_forever's poll: 0.5 s per test by default.
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         try:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=account.key, max_retries=0)

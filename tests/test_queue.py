@@ -11,7 +11,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from conftest import make_account
+from conftest import VALIDATION_ONLY, make_account
 from protocol import ProtoWorker, WorkerThread
 from webapp import budget, jobs, settings
 from webapp.db import skip_locked_from_version
@@ -122,7 +122,7 @@ def test_long_poll_ends_empty_after_its_wait(app, account, live):
     assert time.monotonic() - started >= 0.9
 
 
-def claim_race(app, n_jobs=1000, n_workers=50):
+def claim_race(app, n_jobs=300, n_workers=50):
     """Let n_workers threads claim n_jobs concurrently; return how often each job was won."""
     account = make_account(app, f"race-{random.random()}@example.com", shared=False)
     ids = submit(app, account, n_jobs)
@@ -331,6 +331,7 @@ def test_worker_error_with_retry_goes_to_another_attempt(app, account, live):
     assert job_row(app, job_id).state == "completed"
 
 
+@VALIDATION_ONLY
 @pytest.mark.parametrize(
     "body, param",
     [

@@ -8,7 +8,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from conftest import make_account
+from conftest import VALIDATION_ONLY, make_account
 from protocol import ProtoWorker
 from webapp import maintenance, usage
 from webapp.db import db
@@ -225,6 +225,7 @@ CLAIMS = [
 ]
 
 
+@VALIDATION_ONLY
 @pytest.mark.parametrize("body, param", CLAIMS)
 def test_malformed_claim_names_its_field(app, account, live, body, param):
     # Sent as Python's json writes it, NaN and Infinity included (requests refuses to).

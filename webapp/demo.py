@@ -115,9 +115,21 @@ def demo(host: str, port: int, once: bool) -> None:
     except KeyboardInterrupt:
         click.echo("\nstopping")
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop_worker(worker)
         server.shutdown()
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    """Stop the demo worker without waiting out its open long-poll: the gateway goes too."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=1)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    # A second signal, once the first was taken (two at once may arrive as one), means "quit now".
+    worker.terminate()
+    try:
+        worker.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
