@@ -846,15 +846,22 @@ def test_report_timings_follow_the_lease(chromium_open):
     page.close()
 
 
-@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
-def test_a_hung_report_is_abandoned_and_resent_within_the_lease(app, chromium_open, arena, account, live, proxy):
-    proxy.hang_reports = {0}
-    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
+def ask_through(proxy, browser, arena, account, live):
+    """Ask one question of a tab that reaches the gateway through the proxy; return the reply."""
+    context = worker_context(browser, {"gateway": proxy.url, "token": account.token})
     context.new_page().goto(arena.url + "/")
     api = client(live, account)
     wait_models(api, "arena-text")
-    reply = api.chat.completions.create(model="arena-text", messages=PROMPT)
-    context.close()
+    try:
+        return api.chat.completions.create(model="arena-text", messages=PROMPT)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("app_config", [{"LEASE_TTL": 3.0}])
+def test_a_hung_report_is_abandoned_and_resent_within_the_lease(app, chromium_open, arena, account, live, proxy):
+    proxy.hang_reports = {0}
+    reply = ask_through(proxy, chromium_open, arena, account, live)
     assert reply.choices[0].message.content.startswith(ANSWER)
     [(received, abandoned)] = proxy.hung
     # Given up after a third of the 3 s lease, not a minute; sent again at once, with time to
@@ -919,12 +926,7 @@ def test_a_busy_answer_to_a_report_is_waited_out_within_the_lease(app, chromium_
     # Retry-After asks for longer than the lease: waiting it out would lose the job.
     proxy.canned["chunks"] = [(status, {"Content-Type": "application/json", "Retry-After": "30"},
                                json.dumps(busy).encode())]
-    context = worker_context(chromium_open, {"gateway": proxy.url, "token": account.token})
-    context.new_page().goto(arena.url + "/")
-    api = client(live, account)
-    wait_models(api, "arena-text")
-    reply = api.chat.completions.create(model="arena-text", messages=PROMPT)
-    context.close()
+    reply = ask_through(proxy, chromium_open, arena, account, live)
     assert reply.choices[0].message.content.startswith(ANSWER)
     refused, resent = proxy.times("chunks")[:2]
     # Backed off (timers never fire early; the wait is 0.8-1 of a twelfth of the lease, 1 s),
