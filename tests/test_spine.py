@@ -131,6 +131,10 @@ def test_a_client_that_hangs_up_cancels_its_job(app, account, live, stream):
     wait_for(settled, what="settlement")
 
 
+# The stream must start (HEARTBEAT_INTERVAL after the request sees the claim) before the
+# vanished worker's lease lapses: with both at 2 s, a loaded machine that noticed the claim
+# 0.2 s late got the job back in the queue first, and a 503 instead of a started stream.
+@pytest.mark.parametrize("app_config", [{"HEARTBEAT_INTERVAL": 1.0, "LEASE_TTL": 4.0}])
 def test_a_stream_whose_worker_vanished_and_finds_no_other_ends_with_no_worker(app, account, live):
     worker = ProtoWorker(live.url, account.token)
     worker.claim(wait=0)
