@@ -138,9 +138,11 @@ class Reporter {
   async finish(end) {
     this.end = end;
     while (!this.stopped && this.end) {
-      // A report that just failed set retryAt: the last one waits for it like any other.
-      await sleep(Math.max(0, this.retryAt - Date.now()));
-      if (!this.stopped) await this.flush();
+      // A report that failed set retryAt, maybe while we slept: the last one waits for it
+      // like any other, so look again after every wait.
+      const wait = this.retryAt - Date.now();
+      if (wait > 0) await sleep(wait);
+      else await this.flush();
     }
     this.stop();
   }
