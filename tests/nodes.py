@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from conftest import ROOT, Account, make_account, make_app
 from mariadb import MariaDB
-from support import children, wait_for  # noqa: F401  (wait_for: the fault tests take it from here)
+from support import children
 from webapp import accounts, budget
 from webapp.db import db
 from webapp.models import Job

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import throwaway_mariadb
 from faults import Call, Crew, held_until
-from nodes import FAST, bounded, make_stack, wait_for
+from nodes import FAST, bounded, make_stack
+from support import wait_for
 
 # A lease outlives the outage, so a stream whose database comes back in time can finish.
 SETTINGS = {**FAST, "LEASE_TTL": 10}

@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from conftest import ROOT
 from faults import Call, Crew, echo, held_until
-from nodes import bounded, count, stack, wait_for  # noqa: F401  (stack: a fixture)
+from nodes import bounded, count, stack  # noqa: F401  (stack: a fixture)
+from support import wait_for
 from webapp.models import Chunk, Usage, UsageDaily
 
 SLACK = 10

@@ -37,7 +37,8 @@ import pytest
 from sqlalchemy import func, select
 
 from faults import Call, Crew, echo, held_until, ticking
-from nodes import FAST, bounded, count, make_stack, wait_for
+from nodes import FAST, bounded, count, make_stack
+from support import wait_for
 from webapp import settings
 from webapp.models import HeldRequest, Usage, UsageDaily, utcnow
 

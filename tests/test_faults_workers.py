@@ -12,8 +12,9 @@ import pytest
 import requests
 
 from faults import Call, Crew, echo, ticking
-from nodes import FAST, bounded, pollclient, stack, wait_for  # noqa: F401  (stack: a fixture)
+from nodes import FAST, bounded, pollclient, stack  # noqa: F401  (stack: a fixture)
 from protocol import ProtoWorker
+from support import wait_for
 from webapp import settings
 
 # How long after its cause a fault may take to show, on top of the timings involved: a busy
