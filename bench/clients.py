@@ -1,7 +1,8 @@
-"""Load generator process: threads that stream chat requests with the openai client until a deadline.
+"""Load generator process: threads that send chat requests with the openai client until a deadline.
 
-Run by load.py, several at once, so the client side is not one GIL-bound process:
+Run by load.py and versus.py, several at once, so the client side is not one GIL-bound process:
     python bench/clients.py --base URL --threads 20 --start-at EPOCH --stop-at EPOCH --out FILE
+        [--model echo] [--no-stream]
 The API key comes in BENCH_API_KEY. Writes one JSON record per request.
 """
 from __future__ import annotations
@@ -18,13 +19,20 @@ from openai import OpenAI
 PROMPT = "the quick brown fox jumps"  # five words: the echo worker streams five deltas
 
 
-def one_request(client: OpenAI) -> dict[str, Any]:
-    """Stream one request; return its start, first content, end, chunk count and error."""
+def one_request(client: OpenAI, model: str, stream: bool) -> dict[str, Any]:
+    """Send one request; return its start, first content, end, chunk count and error."""
     record: dict[str, Any] = {"start": time.time(), "first": None, "end": None, "chunks": 0, "error": None,
                               "id": None}
     try:
+        if not stream:
+            answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}])
+            if not answer.choices[0].message.content:
+                raise RuntimeError("an answer without content")
+            record.update(first=time.time(), chunks=1, id=answer.id)
+            record["end"] = record["first"]
+            return record
         stream = client.chat.completions.create(
-            model="echo", messages=[{"role": "user", "content": PROMPT}], stream=True
+            model=model, messages=[{"role": "user", "content": PROMPT}], stream=True
         )
         with stream:
             for chunk in stream:
@@ -38,11 +46,11 @@ def one_request(client: OpenAI) -> dict[str, Any]:
     return record
 
 
-def loop(client: OpenAI, start_at: float, stop_at: float, out: list[dict[str, Any]]) -> None:
+def loop(client: OpenAI, args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
     """Issue requests back to back from start_at until stop_at."""
-    time.sleep(max(0.0, start_at - time.time()))
-    while time.time() < stop_at:
-        out.append(one_request(client))
+    time.sleep(max(0.0, args.start_at - time.time()))
+    while time.time() < args.stop_at:
+        out.append(one_request(client, args.model, args.stream))
 
 
 def main() -> None:
@@ -53,10 +61,12 @@ def main() -> None:
     p.add_argument("--start-at", type=float, required=True)
     p.add_argument("--stop-at", type=float, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default="echo")
+    p.add_argument("--no-stream", dest="stream", action="store_false")
     args = p.parse_args()
     client = OpenAI(base_url=args.base + "/v1", api_key=os.environ["BENCH_API_KEY"], max_retries=0, timeout=60)
     records: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=loop, args=(client, args.start_at, args.stop_at, records), daemon=True)
+    threads = [threading.Thread(target=loop, args=(client, args, records), daemon=True)
                for _ in range(args.threads)]
     for t in threads:
         t.start()

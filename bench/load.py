@@ -43,7 +43,7 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
     time.sleep(max(0.0, measure_from - time.time()))
     with Watch(stack, REQUEST_COUNTERS, "over the window") as watch:
         time.sleep(max(0.0, stop_at - time.time()))
-    _wait_named(stack, "clients-", stop_at + 90)
+    wait_named(stack, "clients-", stop_at + 90)
     records = []
     for out in outs:
         with open(out) as f:
@@ -96,7 +96,7 @@ class Watch:
             self.server = {k: after[k] - self.server[k] for k in self.counters}
 
 
-def _wait_named(stack: Stack, prefix: str, until: float) -> None:
+def wait_named(stack: Stack, prefix: str, until: float) -> None:
     """Wait for tracked processes to exit by themselves, up to a wall-clock moment."""
     for name, proc in [(n, p) for n, p in stack.procs if n.startswith(prefix)]:
         proc.wait(timeout=max(1.0, until - time.time()))

@@ -21,7 +21,7 @@ import page
 from stack import Stack
 from stats import Row, table
 
-PHASES = ("ttft", "relay", "idle", "throughput", "claims")
+PHASES = ("ttft", "relay", "idle", "throughput", "claims", "versus")
 EXTRA = ("restart",)  # opt-in regression check: a restarted worker's old long-poll must not take a job
 
 
@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--claim-jobs", type=int, default=1000)
     p.add_argument("--claimers", type=int, default=50)
     p.add_argument("--claim-paths", default="", help="cas,skip_locked (default: both on MariaDB, cas on SQLite)")
+    p.add_argument("--versus-requests", type=int, default=200, help="sequential streams per gateway, side by side")
+    p.add_argument("--versus-clients", type=int, default=32, help="non-streamed client threads, side by side")
+    p.add_argument("--versus-seconds", type=float, default=15.0, help="throughput window per gateway")
+    p.add_argument("--versus-pollclients", type=int, default=4, help="openai-backend pollclients for Pollgate")
+    p.add_argument("--versus-slots", type=int, default=16, help="--max-concurrent of each of those")
     p.add_argument("--gunicorn-workers", type=int, default=2, help="gunicorn -w")
     p.add_argument("--gunicorn-threads", type=int, default=64, help="gunicorn --threads (and the DB pool size)")
     p.add_argument("--keep", action="store_true", help="keep the logs and data folder")
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
     from idle import run_idle
     from latency import run_latency, run_restart
     from load import run_claims, run_throughput
+    from versus import run_versus
 
     phases = [
         ("idle", {"idle"}, lambda: run_idle(stack, args.idle_seconds)),
@@ -79,6 +85,9 @@ def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
         ("throughput", {"throughput"}, lambda: run_throughput(
             stack, args.workers, args.slots, args.clients, args.seconds, args.warmup_seconds, args.client_procs)),
         ("claims", {"claims"}, lambda: run_claims(stack, args.claim_paths, args.claim_jobs, args.claimers)),
+        ("versus", {"versus"}, lambda: run_versus(
+            stack, args.versus_requests, args.warmup_requests, args.versus_clients, args.versus_seconds,
+            args.warmup_seconds, args.client_procs, args.versus_pollclients, args.versus_slots)),
         ("restart", {"restart"}, lambda: run_restart(stack)),
     ]
     rows: list[Row] = []
@@ -114,6 +123,9 @@ def sizes(args: argparse.Namespace) -> dict[str, str]:
         "warmup_seconds": f"{args.warmup_seconds:g}", "claim_jobs": f"{args.claim_jobs:,}",
         "claimers": str(args.claimers), "claim_paths": " and ".join(f"`{x}`" for x in args.claim_paths),
         "processes": str(args.gunicorn_workers), "threads": str(args.gunicorn_threads),
+        "versus_requests": str(args.versus_requests), "versus_clients": str(args.versus_clients),
+        "versus_seconds": f"{args.versus_seconds:g}", "versus_pollclients": str(args.versus_pollclients),
+        "versus_slots": str(args.versus_slots),
     }
 
 
