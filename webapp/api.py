@@ -15,7 +15,7 @@ from . import budget, events, jobs, limits, relay, settings, token_count, usage
 from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, usage_event
 from .errors import ApiError, ClientGone, json_body
-from .models import TERMINAL, Job, epoch, utcnow
+from .models import TERMINAL, Chunk, Job, epoch, utcnow
 from .relay import Reader
 from .validation import validate_chat, validate_image
 from .workers import live_models
@@ -113,18 +113,24 @@ def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any
     alone: if the database is unreachable now, the job's reader expiry lapses and the
     reaper cancels and settles it within HOLD_TTL.
     """
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("settle", lambda: usage.settle(reader.job_id, deltas if ended else None)),
-        ("release", lambda: budget.release(reader.hold)),
-    ]
     if not ended:
         # The caller will never read this job's answer: do not let a worker go on producing it.
-        steps.insert(0, ("cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away.")))
-    for name, step in steps:
-        try:
-            step()
-        except Exception:
-            log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
+        _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
+    # Settling gives the shared slot back in its own transaction; if it fails, the slot goes alone.
+    if _contained(reader, "settle", lambda: usage.settle(reader.job_id, deltas if ended else None, hold=reader.hold)):
+        budget.release_local()
+    else:
+        _contained(reader, "release", lambda: budget.release(reader.hold))
+
+
+def _contained(reader: Reader, name: str, step: Callable[[], Any]) -> bool:
+    """Run one step of ending a request; log a failure instead of raising it, and tell whether it ran."""
+    try:
+        step()
+        return True
+    except Exception:
+        log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
+        return False
 
 
 def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
@@ -179,29 +185,31 @@ def stream_response(reader: Reader, include_usage: bool) -> Response:
     # Waiting for the first output first lets a worker that fails at once give the client
     # a real HTTP status; past HEARTBEAT_INTERVAL the stream starts anyway.
     try:
-        job = relay.wait_for_start(reader, current_app.config["HEARTBEAT_INTERVAL"])
+        first = relay.wait_for_start(reader, current_app.config["HEARTBEAT_INTERVAL"])
     except BaseException:
         end_request(reader, ended=False)
         raise
+    job = first[0]
     if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
         end_request(reader, ended=True)
         raise relay.job_error(job)
     return Response(
-        stream_with_context(sse_stream(reader, job, include_usage)),
+        stream_with_context(sse_stream(reader, first, include_usage)),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
     )
 
 
-def sse_stream(reader: Reader, job: Job, include_usage: bool) -> Iterator[str]:
-    """Relay a job as OpenAI's event stream; every stream a live process serves ends with [DONE]."""
+def sse_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: bool) -> Iterator[str]:
+    """Relay a job as OpenAI's event stream from what `wait_for_start` read; a live process ends each with [DONE]."""
+    job = first[0]
     deltas: list[dict[str, Any]] = []
     ended = False
     try:
         # The role chunk goes out at once: Passenger sends no headers before the first
         # bytes. Inside the try: a client already gone fails this very first write.
         yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
-        for kind, payload in relay.follow(reader):
+        for kind, payload in relay.follow(reader, first):
             if kind == "chunks":
                 for chunk in payload:
                     deltas.append(chunk.delta)

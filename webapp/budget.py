@@ -19,7 +19,8 @@ import threading
 from typing import Optional
 
 from flask import current_app
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from . import settings
 from .db import db, retrying
@@ -52,17 +53,14 @@ def acquire(kind: str, ttl: float, user_id: Optional[int] = None) -> Optional[in
     with db.begin() as s:
         # SQLite's BEGIN IMMEDIATE already serialises; on MySQL this row lock does.
         s.execute(select(Setting.name).where(Setting.name == LOCK_ROW).with_for_update())
-        live = (HeldRequest.kind == kind) & (HeldRequest.expires_at > now)
-        if s.scalar(select(func.count()).select_from(HeldRequest).where(live)) >= limit:
+        # Everyone's and the caller's live slots in one statement.
+        mine = func.coalesce(func.sum(case((HeldRequest.user_id == user_id, 1), else_=0)), 0)
+        total, own = s.execute(select(func.count(), mine).where(HeldRequest.kind == kind, HeldRequest.expires_at > now)).one()
+        if total >= limit or (user_id is not None and own >= user_share(limit)):
             return None
-        if user_id is not None and s.scalar(
-            select(func.count()).select_from(HeldRequest).where(live, HeldRequest.user_id == user_id)
-        ) >= user_share(limit):
-            return None
-        hold = HeldRequest(kind=kind, user_id=user_id, expires_at=now + dt.timedelta(seconds=ttl), created_at=now)
-        s.add(hold)
-        s.flush()
-        return hold.id
+        result = s.execute(insert(HeldRequest).values(
+            kind=kind, user_id=user_id, expires_at=now + dt.timedelta(seconds=ttl), created_at=now))
+        return result.inserted_primary_key[0]
 
 
 def acquire_or_refuse(kind: str, ttl: float, user_id: Optional[int] = None) -> int:
@@ -135,6 +133,12 @@ def release(hold: Optional[int]) -> None:
 @retrying
 def _delete(hold: int) -> None:
     with db.begin() as s:
+        drop(s, hold)
+
+
+def drop(s: Session, hold: Optional[int]) -> None:
+    """Give a slot back in the shared budget inside the caller's transaction (held_requests come last in the lock order)."""
+    if hold:
         s.execute(delete(HeldRequest).where(HeldRequest.id == hold))
 
 

@@ -121,16 +121,26 @@ def skip_locked_from_version(version: str) -> bool:
 
 def upsert_add(s: Session, table: Table, rows: list[dict[str, Any]], keys: Iterable[str], counters: Iterable[str]) -> None:
     """Insert rows, or add their counters to the rows that already hold the same unique key."""
-    counters = list(counters)
-    if s.get_bind().dialect.name == "mysql":
-        stmt = mysql.insert(table).values(rows)
-        stmt = stmt.on_duplicate_key_update({c: table.c[c] + stmt.inserted[c] for c in counters})
-    else:
-        stmt = sqlite.insert(table).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters}
-        )
-    s.execute(stmt)
+    dialect = s.get_bind().dialect.name
+    shape = (dialect, table.name, tuple(keys), tuple(counters))
+    stmt = _upserts.get(shape)
+    if stmt is None:
+        stmt = _upserts.setdefault(shape, _upsert_statement(dialect, table, *shape[2:]))
+    # One statement built once, its values as parameters: building one with the values in
+    # it cost 3-4 ms a call, three times a request (bench/findings.md, 2026-11-30).
+    s.execute(stmt, rows)
+
+
+_upserts: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _upsert_statement(dialect: str, table: Table, keys: tuple[str, ...], counters: tuple[str, ...]) -> Any:
+    """Build the insert-or-add statement for one table on one dialect."""
+    if dialect == "mysql":
+        stmt = mysql.insert(table)
+        return stmt.on_duplicate_key_update({c: table.c[c] + stmt.inserted[c] for c in counters})
+    stmt = sqlite.insert(table)
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: table.c[c] + stmt.excluded[c] for c in counters})
 
 
 class Database:

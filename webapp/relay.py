@@ -109,25 +109,26 @@ class Dispatch:
         return waited
 
 
-def wait_for_start(reader: Reader, patience: float) -> Job:
+def wait_for_start(reader: Reader, patience: float) -> tuple[Job, list[Chunk]]:
     """Wait until a worker claims the job and sends something, it ends, or patience runs out.
 
-    Raises a 503 with Retry-After when no worker claims the job within DISPATCH_TIMEOUT,
-    and ClientGone when the client hangs up.
+    Returns the job with the chunks read so far, for `follow` to start from. Raises a 503
+    with Retry-After when no worker claims the job within DISPATCH_TIMEOUT, and ClientGone
+    when the client hangs up.
     """
     cfg = current_app.config
     topic = wake.job_topic(reader.job_id)
     dispatch = Dispatch()
     while True:
         since = wake.stamp(topic)
-        job, _ = read(reader, 0)
+        job, chunks = read(reader, 0)
         if job.state in TERMINAL or job.next_seq > 0:
-            return job
+            return job, chunks
         waited = dispatch.waited(job)
         if job.state == "queued":
             continue_for = cfg["DISPATCH_TIMEOUT"] - waited
         elif waited >= patience:
-            return job
+            return job, chunks
         else:
             continue_for = patience - waited
         if reader.client_gone():
@@ -136,17 +137,25 @@ def wait_for_start(reader: Reader, patience: float) -> Job:
         wake.wait(topic, since, min(cfg["WAKE_RECHECK"], cfg["HOLD_RENEW"], max(0.0, continue_for)))
 
 
-def follow(reader: Reader) -> Iterator[Progress]:
-    """Yield ("chunks", [...]) as output arrives, ("heartbeat", None) on silence, then ("end", job)."""
+def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> Iterator[Progress]:
+    """Yield ("chunks", [...]) as output arrives, ("heartbeat", None) on silence, then ("end", job).
+
+    `first` is what `wait_for_start` read, taken as the first look instead of reading again.
+    """
     cfg = current_app.config
     topic = wake.job_topic(reader.job_id)
     dispatch = Dispatch()
     seq = 0
     last_sent = time.monotonic()
     while True:
-        # The stamp comes first: news committed after it rings a bell we will see.
-        since = wake.stamp(topic)
-        job, chunks = read(reader, seq)
+        if first is not None:
+            # Read before any stamp of ours: stamp 0 makes the first wait return at once, so
+            # news since that read costs one more look, never a missed bell.
+            since, (job, chunks), first = 0, first, None
+        else:
+            # The stamp comes first: news committed after it rings a bell we will see.
+            since = wake.stamp(topic)
+            job, chunks = read(reader, seq)
         if chunks:
             seq += len(chunks)
             last_sent = time.monotonic()

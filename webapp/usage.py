@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import events, limits, token_count
+from . import budget, events, limits, token_count
 from .db import db, retrying, upsert_add
 from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, User, utcnow
 
@@ -43,45 +43,54 @@ def open_row(s: Session, job: Job, api_key_id: Optional[int], prompt_tokens: int
 
 
 @retrying
-def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None, counted: bool = True) -> bool:
+def settle(job_id: int, deltas: Optional[list[dict[str, Any]]] = None, counted: bool = True,
+           hold: Optional[int] = None) -> bool:
     """Account a finished job once: final tokens, cost and timings, and the daily roll-up.
 
     Pass `deltas` when the caller relayed every chunk of the ended job, to skip reading
     them back. With `counted=False` the answer is not counted at all, only what admission
-    counted: the way to set aside a job whose answer cannot be read.
+    counted: the way to set aside a job whose answer cannot be read. `hold`, the request's
+    held-request slot, is given back in the same transaction, saving the request one more.
     """
     with db.begin() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.state not in TERMINAL:
-            return False
-        # Lock order: the user's row first, as admission takes it. The daily roll-up's
-        # foreign key would otherwise take it last, after the rate buckets, and deadlock
-        # against an admission that holds it and waits for a bucket.
-        s.execute(select(User.id).where(User.id == job.user_id).with_for_update())
-        # The row lock (and `settled`) make a second settler, in any process, a no-op.
-        usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
-        if usage is None or usage.settled:
-            return False
-        if not counted:
-            prompt, completion, source = usage.prompt_tokens, 0, "admission"
-        else:
-            if deltas is None or len(deltas) != job.next_seq:
-                deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
-            prompt, completion, source = job_tokens(job, deltas)
-        # Token windows counted the prompt at admission; add what changed since.
-        limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0,
-                      prompt + completion - usage.prompt_tokens - usage.completion_tokens)
-        price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
-        usage.status = job.state
-        usage.error_code = job.error_code
-        usage.worker_id = job.worker_id
-        usage.prompt_tokens, usage.completion_tokens, usage.usage_source = prompt, completion, source
-        usage.cost_nanos = cost_nanos(price, prompt, completion)
-        usage.finished_at = job.finished_at or utcnow()
-        usage.latency_ms = _ms(job.created_at, usage.finished_at)
-        usage.ttft_ms = _ms(job.created_at, job.first_chunk_at)
-        usage.settled = True
-        _add_to_daily(s, usage)
+        settled = _settle(s, job_id, deltas, counted)
+        budget.drop(s, hold)
+    return settled
+
+
+def _settle(s: Session, job_id: int, deltas: Optional[list[dict[str, Any]]], counted: bool) -> bool:
+    """Settle one job's usage row inside the caller's transaction; return False when there was nothing to do."""
+    job = s.get(Job, job_id)
+    if job is None or job.state not in TERMINAL:
+        return False
+    # Lock order: the user's row first, as admission takes it. The daily roll-up's
+    # foreign key would otherwise take it last, after the rate buckets, and deadlock
+    # against an admission that holds it and waits for a bucket.
+    s.execute(select(User.id).where(User.id == job.user_id).with_for_update())
+    # The row lock (and `settled`) make a second settler, in any process, a no-op.
+    usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
+    if usage is None or usage.settled:
+        return False
+    if not counted:
+        prompt, completion, source = usage.prompt_tokens, 0, "admission"
+    else:
+        if deltas is None or len(deltas) != job.next_seq:
+            deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
+        prompt, completion, source = job_tokens(job, deltas)
+    # Token windows counted the prompt at admission; add what changed since.
+    limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0,
+                  prompt + completion - usage.prompt_tokens - usage.completion_tokens)
+    price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
+    usage.status = job.state
+    usage.error_code = job.error_code
+    usage.worker_id = job.worker_id
+    usage.prompt_tokens, usage.completion_tokens, usage.usage_source = prompt, completion, source
+    usage.cost_nanos = cost_nanos(price, prompt, completion)
+    usage.finished_at = job.finished_at or utcnow()
+    usage.latency_ms = _ms(job.created_at, usage.finished_at)
+    usage.ttft_ms = _ms(job.created_at, job.first_chunk_at)
+    usage.settled = True
+    _add_to_daily(s, usage)
     return True
 
 

@@ -22,8 +22,13 @@ JOB_BUCKETS = 64  # job bells are hashed into a fixed set of files: nothing to c
 
 def bell_dir() -> str:
     """Return the folder that holds the bell files, creating it on first use."""
-    path = current_app.config.get("WAKE_DIR") or os.path.join(current_app.instance_path, "bells")
-    os.makedirs(path, exist_ok=True)
+    ext = current_app.extensions
+    path = ext.get("pollgate.bells")
+    if path is None:
+        # Once per app: every stamp, ring and wait asks, several times a request.
+        path = current_app.config.get("WAKE_DIR") or os.path.join(current_app.instance_path, "bells")
+        os.makedirs(path, exist_ok=True)
+        ext["pollgate.bells"] = path
     return path
 
 
