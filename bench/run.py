@@ -19,6 +19,7 @@ import time
 
 import page
 from stack import Stack
+from versus import litellm_version
 from stats import Row, table
 
 PHASES = ("ttft", "relay", "idle", "throughput", "claims", "versus")
@@ -125,7 +126,7 @@ def sizes(args: argparse.Namespace) -> dict[str, str]:
         "processes": str(args.gunicorn_workers), "threads": str(args.gunicorn_threads),
         "versus_requests": str(args.versus_requests), "versus_clients": str(args.versus_clients),
         "versus_seconds": f"{args.versus_seconds:g}", "versus_pollclients": str(args.versus_pollclients),
-        "versus_slots": str(args.versus_slots),
+        "versus_slots": str(args.versus_slots), "litellm_version": litellm_version(),
     }
 
 
