@@ -130,13 +130,18 @@ def git_describe() -> str:
     return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
 
 
+def _symbols(target: str) -> str:
+    """Write a target's comparison as the page prints it."""
+    return target.replace("<=", "≤").replace(">=", "≥")
+
+
 def results(rows: Sequence[Row]) -> str:
     """Render the figures as a Markdown table; sub-rows (indented names) keep a dash."""
     lines = ["| figure | value | target | met |", "|---|---|---|---|"]
     for r in rows:
         name = "— " + r.name.strip() if r.name.startswith("  ") else r.name
         met = "" if r.met is None else ("yes" if r.met else "**no**")
-        lines.append(f"| {name} | {r.value} | {r.target.replace('<=', '≤') or '—'} | {met} |")
+        lines.append(f"| {name} | {r.value} | {_symbols(r.target) or '—'} | {met} |")
     return "\n".join(lines)
 
 
@@ -148,7 +153,7 @@ def summary(rows: Sequence[Row]) -> str:
     if not missed:
         return said + "."
     return said + "; missed: " + "; ".join(
-        f"{r.name.strip()} ({r.value}, target {r.target.replace('<=', '≤')})" for r in missed) + "."
+        f"{r.name.strip()} ({r.value}, target {_symbols(r.target)})" for r in missed) + "."
 
 
 def render(rows: Sequence[Row], machine: list[str], clock: Clock, sizes: dict[str, str]) -> str:

@@ -34,7 +34,7 @@ def claim():
     """Long-poll for jobs: answer as soon as one is claimed, or empty when the wait ends."""
     worker = authenticate_worker(request.headers.get("Authorization"))
     ask = parse_claim(json_body())
-    workers.touch_worker(worker.id, ask["models"], ask["capacity"], ask["kind"], ask["version"], ask["image_models"],
+    workers.touch_worker(worker, ask["models"], ask["capacity"], ask["kind"], ask["version"], ask["image_models"],
                            ask["site"])
     cfg = current_app.config
     end = time.monotonic() + ask["wait"]

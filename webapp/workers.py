@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # A busy worker reports instead of polling; recording each report's time would be a write
 # per report, so last_seen_at moves in steps of this much.
 SEEN_GRANULARITY = dt.timedelta(seconds=10)
+TOUCH_GRANULARITY = dt.timedelta(seconds=1)
 
 
 def gateway_url() -> str:
@@ -47,25 +48,27 @@ def _live_since() -> dt.datetime:
     return utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
 
 
-def touch_worker(worker_id: int, models: Sequence[str], capacity: int, kind: str, version: str,
+def touch_worker(worker: Worker, models: Sequence[str], capacity: int, kind: str, version: str,
                  image_models: Sequence[str] = (), site: str = "") -> None:
     """Record what a worker advertises and that it is alive and ready (it is claiming)."""
+    now = utcnow()
+    values = {
+        "models_json": json.dumps(list(models)),
+        "image_models_json": json.dumps(list(image_models)),
+        "capacity": capacity,
+        "kind": kind,
+        "version": version,
+        "site": site,
+        "status": "ready",
+        "status_message": "",
+    }
+    # A busy worker claims again the moment it finishes a job: the row it was read from
+    # already says all this, and the liveness window (MODEL_LIVE_WINDOW) is far longer.
+    fresh = worker.last_seen_at is not None and now - worker.last_seen_at < TOUCH_GRANULARITY
+    if fresh and all(getattr(worker, name) == value for name, value in values.items()):
+        return
     with db.begin() as s:
-        s.execute(
-            update(Worker)
-            .where(Worker.id == worker_id)
-            .values(
-                last_seen_at=utcnow(),
-                models_json=json.dumps(list(models)),
-                image_models_json=json.dumps(list(image_models)),
-                capacity=capacity,
-                kind=kind,
-                version=version,
-                site=site,
-                status="ready",
-                status_message="",
-            )
-        )
+        s.execute(update(Worker).where(Worker.id == worker.id).values(last_seen_at=now, **values))
 
 
 def set_worker_status(worker_id: int, status: str, message: str) -> None:
