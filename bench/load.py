@@ -29,25 +29,8 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
         stack.start_pollclient(site, base, token, f"pollclient-{i}", "--max-concurrent", str(slots))
     stack.wait_workers(site, workers, since, timeout=90)
     time.sleep(1.0)
-    start_at = time.time() + 3.0  # the client processes import openai meanwhile
-    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
-    outs = []
-    for p in range(procs):
-        share = clients // procs + (p < clients % procs)
-        out = os.path.join(site.instance, f"clients-{p}.json")
-        outs.append(out)
-        stack.spawn(f"clients-{p}", [PYTHON, os.path.join(HERE, "clients.py"), "--base", base,
-                                     "--threads", str(share), "--start-at", str(start_at),
-                                     "--stop-at", str(stop_at), "--out", out],
-                    {**os.environ, "BENCH_API_KEY": site.key})
-    time.sleep(max(0.0, measure_from - time.time()))
-    with Watch(stack, REQUEST_COUNTERS, "over the window") as watch:
-        time.sleep(max(0.0, stop_at - time.time()))
-    wait_named(stack, "clients-", stop_at + 90)
-    records = []
-    for out in outs:
-        with open(out) as f:
-            records += json.load(f)
+    records, (measure_from, stop_at), watch = drive(stack, base, site.key, clients, procs, warmup, seconds,
+                                                    site.instance, REQUEST_COUNTERS)
     stack.stop_named("pollclient")
     stack.stop_gateway()
     rows = throughput_rows(records, measure_from, stop_at, clients, workers, slots)
@@ -60,6 +43,32 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
         rows.append(Row("  server questions per request", f"{watch.server['Questions'] / done:.1f} "
                         f"(+{watch.server['Com_admin_commands'] / done:.1f} pings)"))
     return rows
+
+
+def drive(stack: Stack, base: str, key: str, clients: int, procs: int, warmup: float, seconds: float, folder: str,
+          counters: tuple[str, ...], *extra: str) -> tuple[list[dict[str, Any]], tuple[float, float], "Watch"]:
+    """Run `clients` threads in `procs` client processes over a warm-up and a window (clients.py
+    options in `extra`); return every request's record, the window and what was watched over it."""
+    start_at = time.time() + 3.0  # the client processes import openai meanwhile
+    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
+    outs = []
+    for p in range(procs):
+        share = clients // procs + (p < clients % procs)
+        out = os.path.join(folder, f"clients-{p}.json")
+        outs.append(out)
+        stack.spawn(f"clients-{p}", [PYTHON, os.path.join(HERE, "clients.py"), "--base", base,
+                                     "--threads", str(share), "--start-at", str(start_at),
+                                     "--stop-at", str(stop_at), "--out", out, *extra],
+                    {**os.environ, "BENCH_API_KEY": key})
+    time.sleep(max(0.0, measure_from - time.time()))
+    with Watch(stack, counters, "over the window") as watch:
+        time.sleep(max(0.0, stop_at - time.time()))
+    wait_named(stack, "clients-", stop_at + 90)
+    records: list[dict[str, Any]] = []
+    for out in outs:
+        with open(out) as f:
+            records += json.load(f)
+    return records, (measure_from, stop_at), watch
 
 
 # MariaDB counters that tell what a request or a claim costs the server (COM_PING is an admin command).

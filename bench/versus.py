@@ -18,7 +18,7 @@ from typing import Optional
 import requests
 
 from latency import openai_client
-from load import Watch, wait_named
+from load import drive
 from mariadb import free_port
 from stack import HERE, PYTHON, ROOT, Stack, utcnow
 from stats import Row, ms, spread_ms
@@ -153,25 +153,10 @@ def ttft_of(base: str, key: str, count: int, warmup: int) -> dict[str, float]:
 def throughput_of(stack: Stack, name: str, base: str, key: str, clients: int, seconds: float, warmup: float,
                   procs: int) -> tuple[float, list[Row]]:
     """Drive non-streamed requests from `clients` threads over a window; return req/s and detail rows."""
-    start_at = time.time() + 3.0  # the client processes import openai meanwhile
-    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
-    outs = []
-    for p in range(procs):
-        share = clients // procs + (p < clients % procs)
-        out = os.path.join(stack.dir, f"versus-{name}-{p}.json")
-        outs.append(out)
-        stack.spawn(f"clients-{p}", [PYTHON, os.path.join(HERE, "clients.py"), "--base", base,
-                                     "--threads", str(share), "--start-at", str(start_at), "--stop-at",
-                                     str(stop_at), "--out", out, "--model", MODEL, "--no-stream"],
-                    {**os.environ, "BENCH_API_KEY": key})
-    time.sleep(max(0.0, measure_from - time.time()))
-    with Watch(stack, (), f"{name} over the window") as watch:
-        time.sleep(max(0.0, stop_at - time.time()))
-    wait_named(stack, "clients-", stop_at + 90)
-    records = []
-    for out in outs:
-        with open(out) as f:
-            records += json.load(f)
+    folder = os.path.join(stack.dir, f"versus-{name}")
+    os.makedirs(folder, exist_ok=True)
+    records, (measure_from, stop_at), watch = drive(stack, base, key, clients, procs, warmup, seconds, folder, (),
+                                                    "--model", MODEL, "--no-stream")
     ok = [r for r in records if measure_from <= r["end"] <= stop_at and r["error"] is None]
     errors = [r for r in records if r["error"]]
     latency = spread_ms([r["end"] - r["start"] for r in ok])
