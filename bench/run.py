@@ -23,7 +23,7 @@ from versus import litellm_version
 from stats import Row, table
 
 PHASES = ("ttft", "relay", "idle", "throughput", "claims", "versus")
-EXTRA = ("restart",)  # opt-in regression check: a restarted worker's old long-poll must not take a job
+EXTRA = ("restart", "ladder")  # opt-in regression check: a restarted worker's old long-poll must not take a job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--versus-seconds", type=float, default=15.0, help="throughput window per gateway")
     p.add_argument("--versus-pollclients", type=int, default=4, help="openai-backend pollclients for Pollgate")
     p.add_argument("--versus-slots", type=int, default=16, help="--max-concurrent of each of those")
+    p.add_argument("--ladder", default="100,300,1000", help="concurrent ~20 s streams on each rung of the ladder")
+    p.add_argument("--ladder-pollclients", type=int, default=4)
+    p.add_argument("--ladder-slots", type=int, default=256, help="--max-concurrent of each ladder pollclient")
     p.add_argument("--gunicorn-workers", type=int, default=2, help="gunicorn -w")
     p.add_argument("--gunicorn-threads", type=int, default=64, help="gunicorn --threads (and the DB pool size)")
     p.add_argument("--keep", action="store_true", help="keep the logs and data folder")
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
     from idle import run_idle
     from latency import run_latency, run_restart
     from load import run_claims, run_throughput
+    from ladder import run_ladder
     from versus import run_versus
 
     phases = [
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
             stack, args.versus_requests, args.warmup_requests, args.versus_clients, args.versus_seconds,
             args.warmup_seconds, args.client_procs, args.versus_pollclients, args.versus_slots)),
         ("restart", {"restart"}, lambda: run_restart(stack)),
+        ("ladder", {"ladder"}, lambda: run_ladder(
+            stack, [int(n) for n in args.ladder.split(",")], args.ladder_pollclients, args.ladder_slots)),
     ]
     rows: list[Row] = []
     stack.start_database()

@@ -7,8 +7,8 @@ It is asyncio on one thread with keep-alive connections, so it serves thousands 
 requests a second and is not the bottleneck (the bench measures it directly as the
 floor). POST /v1/chat/completions answers any model with ANSWER, streamed as one SSE
 event per word or as one JSON body; `"stream_options": {"include_usage": true}` adds the
-usage chunk. A model named `think-S-N` waits S seconds, then streams N words 0.05 s
-apart, as a slow model does. GET /v1/models lists `bench-chat`.
+usage chunk. A model named `think-S-N` waits S seconds, then streams N words THINK_GAP
+apart, as a slow model does (the held-stream ladder). GET /v1/models lists `bench-chat`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import time
 
 ANSWER = "Pollgate and its rivals relay this answer word by word to the bench"
 WORDS = ANSWER.split(" ")
+THINK_GAP = 0.3  # seconds between a think- model's words: think-8-40 lasts 8 + 12 = 20 s
 # OpenAI's own streams send no Content-Length and end with the terminating chunk.
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
                b"transfer-encoding: chunked\r\n\r\n")
@@ -50,7 +51,7 @@ def plan(model: str) -> tuple[float, list[str], float]:
     if model.startswith("think-"):
         try:
             _, wait, count = model.split("-")
-            return float(wait), [f"w{i} " for i in range(int(count))], 0.05
+            return float(wait), [f"w{i} " for i in range(int(count))], THINK_GAP
         except ValueError:
             pass
     return 0.0, [w + " " for w in WORDS[:-1]] + [WORDS[-1]], 0.0

@@ -26,6 +26,8 @@ from stats import Row, ms, spread_ms
 LITELLM_VENV = os.environ.get("LITELLM_VENV", os.path.join(ROOT, ".bench-litellm"))
 LITELLM_KEY = "sk-bench-master"
 MODEL = "bench-chat"
+SLOW_MODEL = "think-8-40"  # upstream.py: 8 s before the first word, then 40 words over 12 s
+MODELS = (MODEL, SLOW_MODEL)
 TARGETS = ("upstream", "LiteLLM", "Pollgate")
 
 
@@ -66,8 +68,8 @@ def start_litellm(stack: Stack, upstream: str, processes: int) -> str:
     config = os.path.join(stack.dir, "litellm.yaml")
     # JSON is YAML: no YAML writer needed here.
     with open(config, "w") as f:
-        json.dump({"model_list": [{"model_name": MODEL, "litellm_params": {
-            "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "upstream-key"}}],
+        json.dump({"model_list": [{"model_name": name, "litellm_params": {
+            "model": f"openai/{name}", "api_base": upstream + "/v1", "api_key": "upstream-key"}} for name in MODELS],
             "general_settings": {"master_key": LITELLM_KEY}, "litellm_settings": {"telemetry": False}}, f)
     # The model cost map is fetched from GitHub unless told to use the copy in the package.
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
@@ -116,14 +118,15 @@ def run_versus(stack: Stack, requests_count: int, warmup: int, clients: int, sec
     return versus_rows(figures, details, clients)
 
 
-def start_pollgate(stack: Stack, upstream: str, pollclients: int, slots: int) -> tuple[str, str]:
+def start_pollgate(stack: Stack, upstream: str, pollclients: int, slots: int, name: str = "versus",
+                   env: Optional[dict[str, str]] = None) -> tuple[str, str]:
     """Start the gateway and openai-backend pollclients in front of the model server; return (base, key)."""
-    site = stack.new_site("versus")
-    base = stack.start_gateway(site)
+    site = stack.new_site(name)
+    base = stack.start_gateway(site, env)
     since = utcnow()
     for i, token in enumerate(site.worker_tokens(pollclients)):
         stack.start_pollclient(site, base, token, f"pollclient-{i}", "--backend", "openai",
-                               "--upstream-url", upstream + "/v1", "--models", MODEL,
+                               "--upstream-url", upstream + "/v1", "--models", ",".join(MODELS),
                                "--max-concurrent", str(slots))
     stack.wait_workers(site, pollclients, since, timeout=90)
     time.sleep(0.5)  # into their long-polls
