@@ -116,7 +116,7 @@ def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any
     if not ended:
         # The caller will never read this job's answer: do not let a worker go on producing it.
         _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
-    # Settling gives the shared slot back in its own transaction; if it fails, the slot goes alone.
+    # Settling gives the shared slot back in settlement's transaction; if that fails, the slot goes alone.
     if _contained(reader, "settle", lambda: usage.settle(reader.job_id, deltas if ended else None, hold=reader.hold)):
         budget.release_local()
     else:

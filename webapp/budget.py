@@ -55,7 +55,8 @@ def acquire(kind: str, ttl: float, user_id: Optional[int] = None) -> Optional[in
         s.execute(select(Setting.name).where(Setting.name == LOCK_ROW).with_for_update())
         # Everyone's and the caller's live slots in one statement.
         mine = func.coalesce(func.sum(case((HeldRequest.user_id == user_id, 1), else_=0)), 0)
-        total, own = s.execute(select(func.count(), mine).where(HeldRequest.kind == kind, HeldRequest.expires_at > now)).one()
+        live = (HeldRequest.kind == kind) & (HeldRequest.expires_at > now)
+        total, own = s.execute(select(func.count(), mine).where(live)).one()
         if total >= limit or (user_id is not None and own >= user_share(limit)):
             return None
         result = s.execute(insert(HeldRequest).values(
