@@ -52,22 +52,7 @@ def ttft(stack: Stack, site: Site, base: str, count: int, warmup: int, flush: st
     stack.wait_workers(site, 1, since)
     time.sleep(0.5)  # let its first long-poll open
     client = openai_client(base, site.key)
-    samples: list[tuple[float, float, str]] = []
-    for i in range(warmup + count):
-        started = time.time()
-        stream = client.chat.completions.create(
-            model="echo", messages=[{"role": "user", "content": PROMPT}], stream=True
-        )
-        first: Optional[float] = None
-        with stream:
-            for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.time()
-                    job_id = chunk.id
-        if first is None:
-            raise RuntimeError("a stream ended without content")
-        if i >= warmup:
-            samples.append((started, first, job_id))
+    samples = timed_streams(client, "echo", count, warmup)
     client.close()
     waits = spread_ms([f - s for s, f, _ in samples])
     label = f"TTFT (pollclient --flush-interval {flush})" if flush else "TTFT"
@@ -78,6 +63,26 @@ def ttft(stack: Stack, site: Site, base: str, count: int, warmup: int, flush: st
         Row(f"{label} p99", ms(waits["p99"]), "<= 100 ms", waits["p99"] <= 100),
         stage_row(site, samples, f"{label} stages"),
     ]
+
+
+def timed_streams(client: OpenAI, model: str, count: int, warmup: int) -> list[tuple[float, float, str]]:
+    """Stream requests one after another; return (start, first content delta, response id) of each
+    after the warm-ups, in wall-clock seconds so they line up with the job's own timestamps."""
+    samples: list[tuple[float, float, str]] = []
+    for i in range(warmup + count):
+        started = time.time()
+        first: Optional[float] = None
+        with client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], stream=True
+        ) as stream:
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first, job_id = time.time(), chunk.id
+        if first is None:
+            raise RuntimeError(f"a stream of {model} ended without content")
+        if i >= warmup:
+            samples.append((started, first, job_id))
+    return samples
 
 
 def _epoch(moment: Optional[dt.datetime]) -> float:

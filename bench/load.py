@@ -114,14 +114,18 @@ def wait_named(stack: Stack, prefix: str, until: float) -> None:
     stack.stop_named(prefix)
 
 
+def in_window(records: list[dict[str, Any]], t0: float, t1: float) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """Return the requests that succeeded inside [t0, t1], every failed one, and the successes' latency spread."""
+    ok = [r for r in records if t0 <= r["end"] <= t1 and r["error"] is None]
+    errors = [r for r in records if r["error"]]
+    return ok, errors, spread_ms([r["end"] - r["start"] for r in ok])
+
+
 def throughput_rows(records: list[dict[str, Any]], t0: float, t1: float, clients: int, workers: int,
                     slots: int) -> list[Row]:
     """Count what finished inside the window; errors count over the whole run."""
-    window = [r for r in records if t0 <= r["end"] <= t1]
-    ok = [r for r in window if r["error"] is None]
-    errors = [r for r in records if r["error"]]
+    ok, errors, latency = in_window(records, t0, t1)
     span = t1 - t0
-    latency = spread_ms([r["end"] - r["start"] for r in ok])
     first = spread_ms([r["first"] - r["start"] for r in ok if r["first"]])
     print(f"  throughput, {clients} client threads on {workers}x{slots} slots, {span:.0f} s window: "
           f"{len(ok)} ok, {len(errors)} errors in {len(records)} requests; latency {ms(latency['p50'])} p50, "

@@ -19,11 +19,13 @@ import time
 
 import page
 from stack import Stack
-from versus import litellm_version
 from stats import Row, table
+from versus import litellm_version
 
 PHASES = ("ttft", "relay", "idle", "throughput", "claims", "versus")
-EXTRA = ("restart", "ladder")  # opt-in regression check: a restarted worker's old long-poll must not take a job
+# Opt-in: restart is a regression check (a restarted worker's old long-poll must not take a
+# job); ladder holds up to 1,000 streams for minutes and loads the whole machine.
+EXTRA = ("restart", "ladder")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +81,8 @@ def run(args: argparse.Namespace, stack: Stack, clock: page.Clock) -> list[Row]:
     """Run the chosen phases in order and collect their rows."""
     from idle import run_idle
     from latency import run_latency, run_restart
-    from load import run_claims, run_throughput
     from ladder import run_ladder
+    from load import run_claims, run_throughput
     from versus import run_versus
 
     phases = [

@@ -199,18 +199,23 @@ class Stack:
         full_env = {**site.env(), "POLLGATE_DB_POOL_SIZE": str(self.threads), **(env or {})}
         self.gateway = self.spawn(f"gunicorn-{site.name}", argv + ["webapp:create_app()"], full_env)
         base = f"http://127.0.0.1:{port}"
-        end = time.monotonic() + 30
+        self.wait_http(base + "/healthz", self.gateway, f"gunicorn-{site.name}", 30)
+        self.gateway_base = base
+        return base
+
+    def wait_http(self, url: str, proc: subprocess.Popen, name: str, timeout: float) -> None:
+        """Wait until a started server answers url with 2xx; fail at once if its process exits."""
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.gateway.poll() is not None:
-                raise RuntimeError(f"gunicorn exited; see {self.dir}/gunicorn-{site.name}.log")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {self.dir}/{name}.log")
             try:
-                if requests.get(base + "/healthz", timeout=1).ok:
-                    self.gateway_base = base
-                    return base
+                if requests.get(url, timeout=1).ok:
+                    return
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise RuntimeError("gunicorn did not answer /healthz within 30 s")
+        raise RuntimeError(f"{name} did not answer {url} within {timeout:g} s")
 
     def gunicorn_options(self) -> list[str]:
         """Return the gunicorn options every phase uses (a phase may add a -c hook)."""

@@ -15,10 +15,8 @@ import sys
 import time
 from typing import Optional
 
-import requests
-
-from latency import openai_client
-from load import drive
+from latency import openai_client, timed_streams
+from load import drive, in_window
 from mariadb import free_port
 from stack import HERE, PYTHON, ROOT, Stack, utcnow
 from stats import Row, ms, spread_ms
@@ -55,9 +53,9 @@ def litellm_version() -> str:
 def start_upstream(stack: Stack) -> str:
     """Start the bench model server; return its OpenAI base URL (with /v1)."""
     port = free_port()
-    stack.spawn("upstream", [PYTHON, os.path.join(HERE, "upstream.py"), "--port", str(port)], dict(os.environ))
+    proc = stack.spawn("upstream", [PYTHON, os.path.join(HERE, "upstream.py"), "--port", str(port)], dict(os.environ))
     base = f"http://127.0.0.1:{port}"
-    _wait_ok(base + "/v1/models", 15, "the bench model server")
+    stack.wait_http(base + "/v1/models", proc, "upstream", 15)
     return base
 
 
@@ -73,23 +71,11 @@ def start_litellm(stack: Stack, upstream: str, processes: int) -> str:
             "general_settings": {"master_key": LITELLM_KEY}, "litellm_settings": {"telemetry": False}}, f)
     # The model cost map is fetched from GitHub unless told to use the copy in the package.
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-    stack.spawn("litellm", [exe, "--config", config, "--host", "127.0.0.1", "--port", str(port),
-                            "--num_workers", str(processes)], env)
+    proc = stack.spawn("litellm", [exe, "--config", config, "--host", "127.0.0.1", "--port", str(port),
+                                   "--num_workers", str(processes)], env)
     base = f"http://127.0.0.1:{port}"
-    _wait_ok(base + "/health/liveliness", 120, "LiteLLM proxy")
+    stack.wait_http(base + "/health/liveliness", proc, "litellm", 120)
     return base
-
-
-def _wait_ok(url: str, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout:g} s")
 
 
 def run_versus(stack: Stack, requests_count: int, warmup: int, clients: int, seconds: float,
@@ -136,21 +122,9 @@ def start_pollgate(stack: Stack, upstream: str, pollclients: int, slots: int, na
 def ttft_of(base: str, key: str, count: int, warmup: int) -> dict[str, float]:
     """Time sequential streamed requests from just before create() to the first content delta."""
     client = openai_client(base, key)
-    waits: list[float] = []
-    for i in range(warmup + count):
-        started = time.perf_counter()
-        first: Optional[float] = None
-        with client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
-                                            stream=True) as stream:
-            for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter()
-        if first is None:
-            raise RuntimeError(f"a stream from {base} ended without content")
-        if i >= warmup:
-            waits.append(first - started)
+    samples = timed_streams(client, MODEL, count, warmup)
     client.close()
-    return spread_ms(waits)
+    return spread_ms([first - started for started, first, _ in samples])
 
 
 def throughput_of(stack: Stack, name: str, base: str, key: str, clients: int, seconds: float, warmup: float,
@@ -160,9 +134,7 @@ def throughput_of(stack: Stack, name: str, base: str, key: str, clients: int, se
     os.makedirs(folder, exist_ok=True)
     records, (measure_from, stop_at), watch = drive(stack, base, key, clients, procs, warmup, seconds, folder, (),
                                                     "--model", MODEL, "--no-stream")
-    ok = [r for r in records if measure_from <= r["end"] <= stop_at and r["error"] is None]
-    errors = [r for r in records if r["error"]]
-    latency = spread_ms([r["end"] - r["start"] for r in ok])
+    ok, errors, latency = in_window(records, measure_from, stop_at)
     print(f"  {name}: {len(ok)} ok in the window, {len(errors)} errors in {len(records)} requests; "
           f"latency p50 {ms(latency['p50'])}, p99 {ms(latency['p99'])}"
           + (f"; first error: {errors[0]['error']}" if errors else ""))
