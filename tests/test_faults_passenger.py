@@ -94,14 +94,34 @@ def site(stack, passenger_site):
 def crew(stack, site):
     """One crew for the module, so no stopped crew's last claim can take a later test's job."""
     with Crew(site.url, [stack.account.token], by_prompt) as crew:
+        warm_up(stack, site)
         yield crew
 
 
-def job_of(stack, prompt: str, state: str = "running", seq: int = 1):
-    """Wait until the job for this prompt is in state with at least seq chunks; return it."""
-    found = wait_for(lambda: [j for j in stack.jobs() if j.request["messages"][-1]["content"] == prompt
-                              and j.state == state and j.next_seq >= seq], SLACK + 10, f"{prompt!r} {state}")
-    return found[0]
+def warm_up(stack, site) -> None:
+    """Have the site serve two completions at once, so the tests start on processes already spawned.
+
+    A stream, the crew's long-poll and its chunk reports each hold a process. Spawning one
+    takes seconds of CPU, and on a busy machine the crew's claim can wait on a spawn past
+    DISPATCH_TIMEOUT. A spawned process stays (PassengerPoolIdleTime is 300 s), so this is once.
+    """
+    calls: list[SiteCall] = []
+    for attempt in range(3):
+        batch = [SiteCall(site.url, stack.account.key, f"warm up {attempt}.{n}") for n in range(2)]
+        calls += [call.wait(TIMINGS["DISPATCH_TIMEOUT"] + 60) for call in batch]
+        if all(call.completed for call in batch):
+            return
+    raise AssertionError(f"the site never served two completions: {calls}\n{site.logs()[-4000:]}")
+
+
+def job_of(stack, call: SiteCall, state: str = "running", seq: int = 1):
+    """Wait until the call's job is in state with at least seq chunks; return it, or fail saying what the call got."""
+    def found():
+        jobs = [j for j in stack.jobs() if j.request["messages"][-1]["content"] == call.content]
+        if call.done.is_set() and not any(j.state == state and j.next_seq >= seq for j in jobs):
+            raise AssertionError(f"the call ended first: {call}; its jobs: {[(j.state, j.error_code) for j in jobs]}")
+        return [j for j in jobs if j.state == state and j.next_seq >= seq]
+    return wait_for(found, SLACK + 10, f"{call.content!r} {state}")[0]
 
 
 def slots_since(stack, since: dt.datetime) -> int:
@@ -122,7 +142,7 @@ def settled_once(stack, job) -> Usage:
 def test_a_killed_passenger_process_frees_its_slot_and_stops_its_job(stack, site, crew):
     since = utcnow()
     call = SiteCall(site.url, stack.account.key, "tick until the process dies")
-    job = job_of(stack, call.content, seq=3)
+    job = job_of(stack, call, seq=3)
     assert stack.held() == 1
     victims = site.serving(CHAT)  # Passenger's own view: which process serves the stream
     assert len(victims) == 1 and victims[0] in site.app_pids(), (victims, site.app_pids())
@@ -153,7 +173,7 @@ def test_a_stream_whose_client_hangs_up_cancels_its_job_within_a_few_writes(stac
     RELEASES[prompt]  # never released: after its first word the worker only heartbeats
     since = utcnow()
     call = SiteCall(site.url, stack.account.key, prompt)
-    job = job_of(stack, prompt)
+    job = job_of(stack, call)
     wait_for(lambda: call.text, SLACK, "the stream started")
     assert stack.held() == 1
     call.hang_up()
@@ -184,7 +204,7 @@ def test_a_plain_request_whose_client_hangs_up_runs_until_its_job_ends(stack, si
     release = RELEASES[prompt]
     since = utcnow()
     call = SiteCall(site.url, stack.account.key, prompt, stream=False)
-    job = job_of(stack, prompt)
+    job = job_of(stack, call)
     serving = site.serving(CHAT)
     assert len(serving) == 1 and stack.held() == 1
     call.hang_up()
