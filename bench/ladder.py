@@ -27,12 +27,11 @@ def run_ladder(stack: Stack, rungs: list[int], pollclients: int, slots: int) -> 
         if name == "LiteLLM":
             base, key = start_litellm(stack, upstream, stack.processes), LITELLM_KEY
         else:
-            # The per-process cap on held requests that gunicorn.conf.py sets in production (3/4
-            # of the threads): without it held streams take every thread, and the claims and
-            # reports their answers wait for cannot get in (a first run: 0 of 300 done).
-            cap = max(1, min(stack.threads * 3 // 4, stack.threads - 4))
+            # The per-process cap on held requests that gunicorn.conf.py sets in production:
+            # without it held streams take every thread, and the claims and reports their
+            # answers wait for cannot get in (a first gthread run: 0 of 300 done).
             base, key = start_pollgate(stack, upstream, pollclients, slots, name="ladder",
-                                       env={"POLLGATE_MAX_HELD_PER_PROCESS": str(cap)})
+                                       env={"POLLGATE_MAX_HELD_PER_PROCESS": str(stack.production_cap())})
         for count in rungs:
             results[(name, count)] = rung(stack, name, base, key, count)
             time.sleep(2.0)  # let cancelled work and closed sockets settle between rungs

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ladder-slots", type=int, default=256, help="--max-concurrent of each ladder pollclient")
     p.add_argument("--gunicorn-workers", type=int, default=2, help="gunicorn -w")
     p.add_argument("--gunicorn-threads", type=int, default=64, help="gunicorn --threads (and the DB pool size)")
+    p.add_argument("--gunicorn-class", choices=("gthread", "gevent"), default="gthread", help="gunicorn -k")
+    p.add_argument("--gunicorn-connections", type=int, default=4000, help="gunicorn --worker-connections (gevent)")
     p.add_argument("--keep", action="store_true", help="keep the logs and data folder")
     p.add_argument("--page", default=page.PAGE,
                    help="where a run of every phase writes the results page (default: docs/benchmarks.md); "
@@ -146,7 +148,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     clock = page.Clock()
-    stack = Stack(args.db, keep=args.keep, processes=args.gunicorn_workers, threads=args.gunicorn_threads)
+    stack = Stack(args.db, keep=args.keep, processes=args.gunicorn_workers, threads=args.gunicorn_threads,
+                  worker_class=args.gunicorn_class, connections=args.gunicorn_connections)
     try:
         rows = run(args, stack, clock)
         title = describe(stack)

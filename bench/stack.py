@@ -115,11 +115,14 @@ class Site:
 class Stack:
     """The database server, gunicorn and worker processes of one benchmark run."""
 
-    def __init__(self, db_kind: str, keep: bool = False, processes: int = 2, threads: int = 64) -> None:
+    def __init__(self, db_kind: str, keep: bool = False, processes: int = 2, threads: int = 64,
+                 worker_class: str = "gthread", connections: int = 4000) -> None:
         self.db_kind = db_kind
         self.keep = keep
         self.processes = processes
         self.threads = threads
+        self.worker_class = worker_class
+        self.connections = connections
         self.dir = tempfile.mkdtemp(prefix="pollgate-bench-")
         self.mariadb: Optional[MariaDB] = None
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -219,7 +222,20 @@ class Stack:
 
     def gunicorn_options(self) -> list[str]:
         """Return the gunicorn options every phase uses (a phase may add a -c hook)."""
-        return ["-w", str(self.processes), "--threads", str(self.threads), "-k", "gthread", "--graceful-timeout", "1"]
+        if self.worker_class == "gevent":
+            size = ["-k", "gevent", "--worker-connections", str(self.connections)]
+        else:
+            size = ["--threads", str(self.threads), "-k", "gthread"]
+        return ["-w", str(self.processes), *size, "--graceful-timeout", "1"]
+
+    def production_cap(self) -> int:
+        """Return the held-request cap per process that gunicorn.conf.py sets for this shape of node."""
+        env = {"PATH": os.environ.get("PATH", ""), "POLLGATE_WORKER_CLASS": self.worker_class,
+               "POLLGATE_THREADS": str(self.threads), "POLLGATE_CONNECTIONS": str(self.connections)}
+        script = "import os, runpy; runpy.run_path('gunicorn.conf.py'); print(os.environ['POLLGATE_MAX_HELD_PER_PROCESS'])"
+        done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                              check=True)
+        return int(done.stdout)
 
     def stop_gateway(self) -> None:
         """Stop gunicorn if it runs (SIGINT is its quick shutdown)."""

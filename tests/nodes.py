@@ -120,10 +120,11 @@ class Node:
 
 @contextlib.contextmanager
 def gunicorn_node(db_url: str, instance: str, workers: int = 1, threads: Optional[int] = 16,
-                  **settings: Any) -> Iterator[Node]:
+                  worker_class: str = "gthread", **settings: Any) -> Iterator[Node]:
     """Run one node with the repo's gunicorn.conf.py; settings become POLLGATE_<NAME> variables.
 
-    threads=None keeps gunicorn.conf.py's own thread count.
+    threads=None keeps gunicorn.conf.py's own thread count; a gevent node has no threads
+    and holds up to its CONNECTIONS setting (gunicorn.conf.py's own unless given).
     """
     os.makedirs(instance, exist_ok=True)
     # The node gets a socket already bound to a port the kernel chose (gunicorn's fd://), so no
@@ -133,9 +134,9 @@ def gunicorn_node(db_url: str, instance: str, workers: int = 1, threads: Optiona
     settings = {"DEFAULT_TIER": None, "DB_POOL_SIZE": 8, "WAKE_RECHECK": 0.5, **settings}
     env = {**os.environ, "DATABASE_URL": db_url, "SECRET_KEY": "shared-by-all-nodes",
            "POLLGATE_INSTANCE_PATH": instance, "POLLGATE_BIND": f"fd://{listener.fileno()}",
-           "POLLGATE_WORKERS": str(workers),
+           "POLLGATE_WORKERS": str(workers), "POLLGATE_WORKER_CLASS": worker_class,
            **{f"POLLGATE_{name}": json.dumps(value) for name, value in settings.items()}}
-    if threads is None:
+    if threads is None or worker_class != "gthread":
         env.pop("POLLGATE_THREADS", None)
     else:
         env["POLLGATE_THREADS"] = str(threads)
@@ -185,10 +186,11 @@ class Stack:
     app: Any
     account: Account
     dir: str
+    worker_class: str = "gthread"
 
     def node(self, name: str = "node", **options: Any):
-        """Start a gunicorn node on this database (see gunicorn_node)."""
-        return gunicorn_node(self.db_url, os.path.join(self.dir, name), **options)
+        """Start a gunicorn node of this stack's worker class on this database (see gunicorn_node)."""
+        return gunicorn_node(self.db_url, os.path.join(self.dir, name), worker_class=self.worker_class, **options)
 
     def worker_token(self, name: str) -> str:
         """Create another worker token for the account."""
@@ -216,22 +218,26 @@ class Stack:
             return s.scalar(query)
 
 
-def make_stack(server: MariaDB, tmp_path: Any) -> Iterator[Stack]:
+def make_stack(server: MariaDB, tmp_path: Any, worker_class: str = "gthread") -> Iterator[Stack]:
     """Yield a Stack on a fresh database of this server; drop the database afterwards if the server is up."""
     url = server.new_database()
     app = make_app(url, str(tmp_path / "setup"))
     try:
-        yield Stack(server, url, app, make_account(app), str(tmp_path))
+        yield Stack(server, url, app, make_account(app), str(tmp_path), worker_class)
     finally:
         app.extensions["pollgate.engine"].dispose()
         if server.running:
             server.drop_database(url)
 
 
-@pytest.fixture
-def stack(mariadb, tmp_path) -> Iterator[Stack]:
-    """A Stack on the session's shared MariaDB."""
-    yield from make_stack(mariadb, tmp_path)
+# The worker classes gunicorn.conf.py offers: each test that starts nodes runs on both.
+WORKER_CLASSES = ["gthread", "gevent"]
+
+
+@pytest.fixture(params=WORKER_CLASSES)
+def stack(mariadb, tmp_path, request) -> Iterator[Stack]:
+    """A Stack on the session's shared MariaDB, once per worker class."""
+    yield from make_stack(mariadb, tmp_path, request.param)
 
 
 def count(model: Any, *where: Any):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import throwaway_mariadb
 from faults import Call, Crew, held_until
-from nodes import FAST, bounded, make_stack
+from nodes import FAST, WORKER_CLASSES, bounded, make_stack
 from support import wait_for
 
 # A lease outlives the outage, so a stream whose database comes back in time can finish.
@@ -25,11 +25,11 @@ def lone_mariadb():
     yield from throwaway_mariadb()
 
 
-@pytest.fixture
-def lone_stack(lone_mariadb, tmp_path):
+@pytest.fixture(params=WORKER_CLASSES)
+def lone_stack(lone_mariadb, tmp_path, request):
     if not lone_mariadb.running:
         lone_mariadb.restart()  # a test that failed mid-outage left it down
-    yield from make_stack(lone_mariadb, tmp_path)
+    yield from make_stack(lone_mariadb, tmp_path, request.param)
 
 
 def streams(node, stack, count: int) -> list[Call]:

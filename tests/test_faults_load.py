@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pytest
 import requests
 from sqlalchemy import func, select
 
@@ -21,6 +22,10 @@ from webapp.models import Chunk, Usage, UsageDaily
 SLACK = 10
 
 
+# gthread only: on gevent, with this burst and another on the machine's second core, a
+# worker's chunk report queued up to 20 s behind the streams' greenlets, past LEASE_TTL,
+# in 1 of 4 runs (docs/deploy.md says gevent is not yet for production for this reason).
+@pytest.mark.parametrize("stack", ["gthread"], indirect=True)
 @bounded(170)
 def test_a_burst_of_200_streams_from_one_key_all_complete(stack):
     tokens = [stack.worker_token(f"worker {i}") for i in range(10)]
@@ -58,20 +63,28 @@ def test_a_burst_of_200_streams_from_one_key_all_complete(stack):
         select(func.sum(Usage.completion_tokens)))
 
 
-def shipped_threads() -> int:
-    """Return the threads per process gunicorn.conf.py gives a node that overrides nothing."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("POLLGATE_")}
-    done = subprocess.run([sys.executable, "-c", "import runpy; print(runpy.run_path('gunicorn.conf.py')['threads'])"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=True)
-    return int(done.stdout)
+def shipped_limits(**env: str) -> tuple[int, int]:
+    """Return the requests one process serves at once and its cap on held ones, as gunicorn.conf.py sets them."""
+    env = {**{name: value for name, value in os.environ.items() if not name.startswith("POLLGATE_")}, **env}
+    script = ("import os, runpy; conf = runpy.run_path('gunicorn.conf.py'); "
+              "print(conf['concurrency'], os.environ['POLLGATE_MAX_HELD_PER_PROCESS'])")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30, check=True)
+    concurrency, cap = done.stdout.split()
+    return int(concurrency), int(cap)
 
 
 @bounded(150)
 def test_a_burst_past_the_threads_is_refused_quickly_and_no_lease_is_lost(stack):
-    burst = shipped_threads() + 16
+    # gthread: the shipped threads. gevent: a small CONNECTIONS, or the burst would be thousands.
+    size = {} if stack.worker_class == "gthread" else {"CONNECTIONS": 192}
+    concurrency, cap = shipped_limits(POLLGATE_WORKER_CLASS=stack.worker_class,
+                                      **{f"POLLGATE_{name}": str(value) for name, value in size.items()})
+    burst = concurrency + 16
     release = threading.Event()
     # One process with the shipped threads, and the pool docs/deploy.md tells operators to set.
-    with stack.node(threads=None, DB_POOL_SIZE=10, LEASE_TTL=6, DISPATCH_TIMEOUT=60, HEARTBEAT_INTERVAL=2) as node, \
+    with stack.node(threads=None, DB_POOL_SIZE=10, LEASE_TTL=6, DISPATCH_TIMEOUT=60, HEARTBEAT_INTERVAL=2,
+                    **size) as node, \
             Crew(node.url, [stack.account.token], held_until(release, beat=1.0), slots=burst) as crew:
         calls = [Call(node.url, stack.account.key, f"held request {i} ends here") for i in range(burst)]
         wait_for(lambda: all(c.status == 503 or c.text for c in calls), 30, "every request refused or streaming")
@@ -83,7 +96,9 @@ def test_a_burst_past_the_threads_is_refused_quickly_and_no_lease_is_lost(stack)
             call.wait(SLACK + 20)
     refused = [c for c in calls if c.status == 503]
     admitted = [c for c in calls if c.status == 200]
-    assert refused and admitted and len(refused) + len(admitted) == burst, [c.status for c in calls]
+    # The crew's long-poll may hold one of the cap's slots.
+    assert refused and cap - 1 <= len(admitted) <= cap and len(refused) + len(admitted) == burst, \
+        (cap, [c.status for c in calls])
     for call in refused:
         assert call.error["code"] == "gateway_busy" and int(call.headers["retry-after"]) > 0, call
         assert call.answered_at - call.started < SLACK, f"a refusal must be quick: {call}"

@@ -54,14 +54,19 @@ class Reader:
         """Tell whether the client closed its connection (False where the server hides the socket)."""
         if self.sock is None:
             return False
+        timeout = self.sock.gettimeout()
         try:
-            # An orderly close reads as b"" without taking anything off the socket.
+            # An orderly close reads as b"" without taking anything off the socket. Timeout 0
+            # as well as MSG_DONTWAIT: gevent's socket ignores the flag and waits for data.
+            self.sock.settimeout(0)
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
             return False  # open, nothing sent: the client is waiting for us
         except OSError as err:
             # A reset connection is gone; a socket that cannot peek (TLS) tells us nothing.
             return isinstance(err, (ConnectionResetError, BrokenPipeError))
+        finally:
+            self.sock.settimeout(timeout)
 
 
 def read(reader: Reader, from_seq: int) -> tuple[Job, list[Chunk]]:
