@@ -16,6 +16,10 @@ from stats import Row
 # A held job must neither expire nor need heartbeats while it is watched.
 IDLE_ENV = {"POLLGATE_LEASE_TTL": "120", "POLLGATE_JOB_TIMEOUT": "300"}
 TARGET = 2.0  # queries per second
+# Many held streams: issue 12 asks that a waiting stream cost <= 0.05 queries a second, so
+# that what a process pays while idle does not grow with the streams it holds.
+STREAMS = 40
+PER_STREAM = 0.05
 
 
 def run_idle(stack: Stack, seconds: float) -> list[Row]:
@@ -37,11 +41,12 @@ def run_idle(stack: Stack, seconds: float) -> list[Row]:
     stack.stop_named("pollclient")
 
     # The gateway keeps serving an abandoned long-poll until its wait ends: start afresh.
-    start(stack, site, folder)
-    with HeldStream(stack.gateway_base, site):
-        time.sleep(1.5)
-        figures["1 idle stream"] = measure(stack, folder, seconds)
-        stack.stop_gateway()  # ends the stream from the server side, so the reader returns
+    for count in (1, STREAMS):
+        start(stack, site, folder)
+        with HeldStreams(stack.gateway_base, site, count):
+            time.sleep(1.5)
+            figures[f"{count} idle stream{'s' if count > 1 else ''}"] = measure(stack, folder, seconds)
+            stack.stop_gateway()  # ends the streams from the server side, so the readers return
 
     rows = []
     for case, fig in figures.items():
@@ -51,7 +56,18 @@ def run_idle(stack: Stack, seconds: float) -> list[Row]:
         else:
             value = fig["queries"]
             shown = f"{value:.2f} q/s (statements+commits+rollbacks), +{fig['begins']:.2f} BEGIN/s"
-        rows.append(Row(f"idle, {case}", shown, f"<= {TARGET:g} q/s", value <= TARGET))
+        if case.startswith(f"{STREAMS} "):
+            # The issue's bound for many waiters: per process, not per waiter.
+            rows.append(Row(f"idle, {case}", shown, f"<= 1 q/s per process ({stack.processes})",
+                            value <= stack.processes))
+        else:
+            rows.append(Row(f"idle, {case}", shown, f"<= {TARGET:g} q/s", value <= TARGET))
+    many, one = figures[f"{STREAMS} idle streams"], figures["1 idle stream"]
+    key = "questions" if "questions" in many else "queries"
+    each = (many[key] - one[key]) / (STREAMS - 1)
+    print(f"  idle, each held stream beyond the first: {each:.3f} q/s")
+    rows.append(Row("idle, each held stream beyond the first", f"{each:.3f} q/s",
+                    f"<= {PER_STREAM:g} q/s", each <= PER_STREAM))
     return rows
 
 
@@ -111,37 +127,42 @@ def server_counts(stack: Stack) -> dict[str, int]:
     return stack.status("Questions", "Com_admin_commands")
 
 
-class HeldStream:
-    """One open stream whose job a bench worker claimed, answered once, then left silent."""
+class HeldStreams:
+    """Open streams whose jobs a bench worker claimed, answered once each, then left silent."""
 
-    def __init__(self, base: str, site: Site) -> None:
+    def __init__(self, base: str, site: Site, count: int = 1) -> None:
         self.base = base
         self.site = site
-        self.first = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.count = count
+        self.started = threading.Semaphore(0)
+        self.readers = [threading.Thread(target=self._read, daemon=True) for _ in range(count)]
         self.error: list[BaseException] = []
 
-    def __enter__(self) -> "HeldStream":
+    def __enter__(self) -> "HeldStreams":
         worker = requests.Session()
         worker.headers["Authorization"] = f"Bearer {self.site.worker_tokens(2)[1]}"
         claim: dict[str, Any] = {"models": ["bench-hold"], "max_jobs": 1, "wait": 0, "kind": "bench", "version": "1"}
         url = f"{self.base}/worker/v1"
         worker.post(f"{url}/claim", json=claim, timeout=30).raise_for_status()  # advertise the model
-        self.reader.start()
-        job = None
-        end = time.monotonic() + 20
-        while job is None and time.monotonic() < end:
-            answer = worker.post(f"{url}/claim", json={**claim, "wait": 5}, timeout=30)
-            job = (answer.json()["jobs"] or [None])[0]
-        if job is None:
-            raise RuntimeError("the held job was never claimable")
-        # One chunk takes the request from waiting-for-start into the stream's tail loop,
+        for reader in self.readers:
+            reader.start()
+        jobs: list[dict[str, Any]] = []
+        end = time.monotonic() + 30
+        while len(jobs) < self.count and time.monotonic() < end:
+            answer = worker.post(f"{url}/claim", timeout=30,
+                                 json={**claim, "max_jobs": self.count - len(jobs), "capacity": self.count, "wait": 5})
+            jobs += answer.json()["jobs"]
+        if len(jobs) < self.count:
+            raise RuntimeError(f"{self.count - len(jobs)} held jobs were never claimable")
+        # One chunk takes each request from waiting-for-start into the stream's tail loop,
         # its steady state; after that the worker stays silent (no heartbeats needed).
-        entry = {"id": job["id"], "lease": job["lease"], "chunks": [{"seq": 0, "delta": {"content": "x"}}]}
-        worker.post(f"{url}/chunks", json={"jobs": [entry]}, timeout=30).raise_for_status()
+        entries = [{"id": job["id"], "lease": job["lease"], "chunks": [{"seq": 0, "delta": {"content": "x"}}]}
+                   for job in jobs]
+        worker.post(f"{url}/chunks", json={"jobs": entries}, timeout=30).raise_for_status()
         worker.close()
-        if not self.first.wait(20):
-            raise RuntimeError(f"the held stream never started: {self.error}")
+        for _ in range(self.count):
+            if not self.started.acquire(timeout=30):
+                raise RuntimeError(f"a held stream never started: {self.error}")
         return self
 
     def _read(self) -> None:
@@ -152,11 +173,12 @@ class HeldStream:
             )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
-                    self.first.set()
+                    self.started.release()
         except Exception as err:  # the gateway stopping ends the stream with an error
             self.error.append(err)
         finally:
             client.close()
 
     def __exit__(self, *exc) -> None:
-        self.reader.join(timeout=10)
+        for reader in self.readers:
+            reader.join(timeout=10)

@@ -8,6 +8,7 @@ import time
 import openai
 import pytest
 import requests
+import sqlalchemy as sa
 
 from conftest import VALIDATION_ONLY, read_until_error
 from protocol import ProtoWorker, StreamReader, WorkerThread
@@ -97,9 +98,8 @@ def claim_one(worker: ProtoWorker, timeout: float = 30) -> dict:
     return claimed[0]
 
 
-# The reader re-checks the database only every WAKE_RECHECK and HOLD_RENEW (30 s here), and the
-# stream starts on its first output: each delta reaching the client within seconds is the job
-# bell's doing.
+# The tailer re-checks the database only every WAKE_RECHECK (30 s here), and the stream starts
+# on its first output: each delta reaching the client within seconds is the job bell's doing.
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("app_config", [{"WAKE_RECHECK": 30.0, "HOLD_RENEW": 30.0, "HOLD_TTL": 90.0,
                                          "HEARTBEAT_INTERVAL": 60.0, "LEASE_TTL": 60.0}])
@@ -115,6 +115,38 @@ def test_a_stream_wakes_on_the_job_bell_at_each_chunk(app, account, live):
         assert arrived - sent < 5, f"{word!r} took {arrived - sent:.1f} s: the reader was not woken"
     worker.report(job, finish={"reason": "stop"})
     assert stream.join().text == "ring ring" and stream.status == 200
+
+
+# Idle streams cost their process one look per WAKE_RECHECK and one renewal per HOLD_RENEW
+# (the tailer), not a read and a renewal each: before the tailer, these 20 streams sent
+# about 400 statements in the window.
+@pytest.mark.parametrize("app_config", [{"WAKE_RECHECK": 0.2, "HOLD_RENEW": 0.4, "HOLD_TTL": 30.0,
+                                         "HEARTBEAT_INTERVAL": 60.0, "LEASE_TTL": 60.0, "REAP_INTERVAL": 60.0}])
+def test_idle_streams_cost_their_process_not_each_stream(app, account, live):
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)  # the model is live
+    streams = [StreamReader(live.url, account.key, f"idle stream {i}") for i in range(20)]
+    claimed = []
+    while len(claimed) < len(streams):
+        claimed.append(claim_one(worker))
+    for job in claimed:
+        worker.report(job, [{"content": "first"}])
+    for stream in streams:
+        stream.wait_until(lambda s: s.text, 30, "the first word")
+    sent: list[str] = []
+    engine = app.extensions["pollgate.engine"]
+    listener = lambda conn, cursor, statement, *rest: sent.append(statement)  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        time.sleep(2.0)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+    # At most 10 looks and 5 renewals of 2 statements, each with a pre-ping on SQLite.
+    assert len(sent) <= 45, f"{len(sent)} statements in 2 s, e.g. {sent[:5]}"
+    assert any("reader_expires_at" in statement for statement in sent), "the holds were not renewed"
+    for job in claimed:
+        worker.report(job, [{"content": " last"}], finish={"reason": "stop"})
+    assert all(stream.join().text == "first last" for stream in streams)
 
 
 # The stream starts after HEARTBEAT_INTERVAL without output, and says it is alive as often.

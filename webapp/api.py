@@ -113,6 +113,7 @@ def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any
     alone: if the database is unreachable now, the job's reader expiry lapses and the
     reaper cancels and settles it within HOLD_TTL.
     """
+    reader.close()
     if not ended:
         # The caller will never read this job's answer: do not let a worker go on producing it.
         _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))

@@ -8,7 +8,7 @@ workers know how to wait out. Under threaded gunicorn a held request holds a thr
 held requests took every thread, the chunk reports their own answers wait for could not
 get in; so each process also caps what it holds itself (MAX_HELD_PER_PROCESS).
 
-Held API requests renew their slot every HOLD_RENEW seconds (see `renew`); a slot not
+Held API requests renew their slot every HOLD_RENEW seconds (see `tailer.renew`); a slot not
 renewed within HOLD_TTL belongs to a dead process and lapses.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import threading
 from typing import Optional
 
 from flask import current_app
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from . import settings
 from .db import db, retrying
 from .errors import ApiError
-from .models import HeldRequest, Job, Setting, utcnow
+from .models import HeldRequest, Setting, utcnow
 
 KINDS = {"long_polls": "worker long-polls", "streams": "open API requests"}
 # The row every acquirer locks, so counting and taking a slot is one step across processes.
@@ -110,18 +110,6 @@ def busy(kind: str, why: str) -> ApiError:
 
 
 @retrying
-def renew(hold: int, job_id: Optional[int], ttl: float) -> None:
-    """Tell the database this request's reader is alive: push its job's and its slot's expiry on."""
-    until = utcnow() + dt.timedelta(seconds=ttl)
-    with db.begin() as s:
-        # Lock order: jobs before held_requests.
-        if job_id is not None:
-            s.execute(update(Job).where(Job.id == job_id, Job.state.in_(("queued", "running")))
-                      .values(reader_expires_at=until))
-        if hold:
-            s.execute(update(HeldRequest).where(HeldRequest.id == hold).values(expires_at=until))
-
-
 def release(hold: Optional[int]) -> None:
     """Give a slot back, here and in the shared budget (a dead process's slot lapses instead)."""
     if hold is None:

@@ -53,19 +53,18 @@ MODEL_LIVE_WINDOW = 90.0  # a worker advertises its models this long after it wa
 HEARTBEAT_INTERVAL = 15.0  # SSE comment on a silent stream (nginx drops silent sockets at 60 s)
 
 # Wake-ups: waiters watch bell files (one stat per file per tick in each process) and
-# re-check the database only every WAKE_RECHECK seconds. Each re-check is a statement and
-# the end of its transaction, so an idle long-poll or stream costs about 1.2 queries a
-# second with the lazy reaper. Nodes that do not share WAKE_DIR see each other's news
-# within WAKE_RECHECK.
+# re-check the database only every WAKE_RECHECK seconds: a long-poll itself, open API
+# requests through their process's tailer, one statement for all of them. Nodes that do
+# not share WAKE_DIR see each other's news within WAKE_RECHECK.
 WAKE_DIR = None  # default: <instance>/bells; point several nodes at one shared folder
 WAKE_TICK = 0.002  # one watcher thread per process does the stats, so a short tick is cheap
 WAKE_RECHECK = 2.0
 REAP_INTERVAL = 10.0  # how often a process reaps expired leases lazily on the request path
 
-# Readers' heartbeat: an open API request renews its hold (and its job's) every HOLD_RENEW
-# seconds; one not renewed for HOLD_TTL seconds belongs to a dead process, so its slot is
-# freed and its job cancelled. Keep HOLD_TTL a few renewals long: a renewal can wait on a
-# busy database.
+# Readers' heartbeat: each process's tailer renews its open API requests' holds (and their
+# jobs') every HOLD_RENEW seconds; one not renewed for HOLD_TTL seconds belongs to a dead
+# process, so its slot is freed and its job cancelled. Keep HOLD_TTL a few renewals long:
+# a renewal can wait on a busy database.
 HOLD_RENEW = 5.0
 HOLD_TTL = 30.0
 # A stream that cannot read the database retries this long before it ends with an error

@@ -1,10 +1,11 @@
 """Follow a job from the API side: wait for its claim, then tail its chunks until it ends.
 
-The request that relays a job is its reader. While it waits it renews its hold (its
+The request that relays a job is its reader. The process's tailer renews its hold (its
 held-request slot and its job's reader expiry) every HOLD_RENEW seconds, so a reader whose
-process dies is noticed within HOLD_TTL; it rides out a database blip of up to
-DB_OUTAGE_GRACE seconds; and where the server shows it the client's socket, a reader
-notices a client that hung up.
+process dies is noticed within HOLD_TTL, and wakes it when its job moved on another node;
+a bell wakes it for news from this host. Between wake-ups a reader reads nothing. It rides
+out a database blip of up to DB_OUTAGE_GRACE seconds; and where the server shows it the
+client's socket, a reader notices a client that hung up.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Any, Iterator, Optional, Union
 
 from flask import current_app, request
 
-from . import budget, jobs, maintenance, wake
+from . import jobs, maintenance, wake
 from .db import is_unavailable
 from .errors import ApiError, ClientGone, database_unavailable
 from .models import TERMINAL, Chunk, Job, utcnow
+from .tailer import Followed, tailer
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +30,27 @@ Progress = tuple[str, Union[list[Chunk], Job, None]]
 
 @dataclass
 class Reader:
-    """The API request relaying one job: its job, its held-request slot and its client's socket."""
+    """The API request relaying one job: its job, its held-request slot, its client's socket and its tailer entry."""
 
     job_id: int
     hold: int
-    sock: Any = None
-    renew_due: float = 0.0
+    sock: Any
+    followed: Followed
 
     @classmethod
     def for_request(cls, job_id: int, hold: int) -> "Reader":
-        """Make the reader of the current request (the first renewal is due after HOLD_RENEW)."""
+        """Make the reader of the current request; the tailer looks after it until `close`."""
         env = request.environ
         sock = env.get("gunicorn.socket") or env.get("werkzeug.socket")
-        return cls(job_id, hold, sock, time.monotonic() + current_app.config["HOLD_RENEW"])
+        return cls(job_id, hold, sock, tailer().follow(job_id, hold))
 
-    def keep_alive(self) -> None:
-        """Renew the hold when it is due."""
-        now = time.monotonic()
-        if now >= self.renew_due:
-            cfg = current_app.config
-            budget.renew(self.hold, self.job_id, cfg["HOLD_TTL"])
-            self.renew_due = now + cfg["HOLD_RENEW"]
+    def close(self) -> None:
+        """Stop the tailer's renewals: the request ended."""
+        tailer().forget(self.followed)
+
+    def wait(self, topic: str, since: int, timeout: float) -> bool:
+        """Sleep until the job's bell rings, the tailer says it moved, or the timeout passes; tell which."""
+        return wake.wait(topic, since, timeout, self.followed.news)
 
     def client_gone(self) -> bool:
         """Tell whether the client closed its connection (False where the server hides the socket)."""
@@ -70,13 +72,16 @@ class Reader:
 
 
 def read(reader: Reader, from_seq: int) -> tuple[Job, list[Chunk]]:
-    """Renew the reader's hold when due and read its job from from_seq on, riding out a database blip."""
+    """Read the reader's job from from_seq on, riding out a database blip."""
     outage: Optional[float] = None
     delay = 0.1
     while True:
         try:
-            reader.keep_alive()
-            return jobs.read_progress(reader.job_id, from_seq)
+            # Cleared first: a change the tailer sees from here on wakes the next wait.
+            reader.followed.news.clear()
+            job, chunks = jobs.read_progress(reader.job_id, from_seq)
+            reader.followed.saw(job)
+            return job, chunks
         except Exception as err:
             if not is_unavailable(err):
                 raise
@@ -124,11 +129,14 @@ def wait_for_start(reader: Reader, patience: float) -> tuple[Job, list[Chunk]]:
     cfg = current_app.config
     topic = wake.job_topic(reader.job_id)
     dispatch = Dispatch()
+    news = True
     while True:
-        since = wake.stamp(topic)
-        job, chunks = read(reader, 0)
-        if job.state in TERMINAL or job.next_seq > 0:
-            return job, chunks
+        if news:
+            # The stamp comes first: news committed after it rings a bell we will see.
+            since = wake.stamp(topic)
+            job, chunks = read(reader, 0)
+            if job.state in TERMINAL or job.next_seq > 0:
+                return job, chunks
         waited = dispatch.waited(job)
         if job.state == "queued":
             continue_for = cfg["DISPATCH_TIMEOUT"] - waited
@@ -139,7 +147,7 @@ def wait_for_start(reader: Reader, patience: float) -> tuple[Job, list[Chunk]]:
         if reader.client_gone():
             raise ClientGone()
         maintenance.housekeep()
-        wake.wait(topic, since, min(cfg["WAKE_RECHECK"], cfg["HOLD_RENEW"], max(0.0, continue_for)))
+        news = reader.wait(topic, since, min(cfg["WAKE_RECHECK"], max(0.0, continue_for)))
 
 
 def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> Iterator[Progress]:
@@ -152,15 +160,18 @@ def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> I
     dispatch = Dispatch()
     seq = 0
     last_sent = time.monotonic()
+    news = True
     while True:
         if first is not None:
             # Read before any stamp of ours: stamp 0 makes the first wait return at once, so
             # news since that read costs one more look, never a missed bell.
             since, (job, chunks), first = 0, first, None
-        else:
+        elif news:
             # The stamp comes first: news committed after it rings a bell we will see.
             since = wake.stamp(topic)
             job, chunks = read(reader, seq)
+        else:
+            chunks = []  # nothing moved: the job as last read stands
         if chunks:
             seq += len(chunks)
             last_sent = time.monotonic()
@@ -172,6 +183,7 @@ def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> I
             continue
         if utcnow() >= job.deadline_at:
             jobs.expire_job(job.id)
+            news = True  # read what the expiry left
             continue
         # A job queued again after losing its worker must find another within DISPATCH_TIMEOUT.
         dispatch.waited(job)
@@ -179,8 +191,9 @@ def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> I
             raise ClientGone()
         maintenance.housekeep()
         quiet = time.monotonic() - last_sent
-        timeout = min(cfg["WAKE_RECHECK"], cfg["HOLD_RENEW"], max(0.0, cfg["HEARTBEAT_INTERVAL"] - quiet))
-        if not wake.wait(topic, since, timeout) and quiet + timeout >= cfg["HEARTBEAT_INTERVAL"]:
+        timeout = min(cfg["WAKE_RECHECK"], max(0.0, cfg["HEARTBEAT_INTERVAL"] - quiet))
+        news = reader.wait(topic, since, timeout)
+        if not news and quiet + timeout >= cfg["HEARTBEAT_INTERVAL"]:
             last_sent = time.monotonic()
             yield "heartbeat", None
 

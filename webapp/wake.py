@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import zlib
+from typing import Optional
 
 from flask import current_app
 
@@ -70,17 +71,19 @@ def stamp(topic: str) -> int:
     return _mtime(_file(topic))
 
 
-def wait(topic: str, since: int, timeout: float) -> bool:
-    """Sleep until the topic's bell changes from `since` or the timeout passes."""
-    return wait_any({topic: since}, timeout)
+def wait(topic: str, since: int, timeout: float, event: Optional[threading.Event] = None) -> bool:
+    """Sleep until the topic's bell changes from `since`, `event` is set, or the timeout passes."""
+    return wait_any({topic: since}, timeout, event)
 
 
-def wait_any(stamps: dict[str, int], timeout: float) -> bool:
-    """Sleep until any of these bells changes from its stamp or the timeout passes."""
+def wait_any(stamps: dict[str, int], timeout: float, event: Optional[threading.Event] = None) -> bool:
+    """Sleep until any of these bells changes from its stamp, `event` is set, or the timeout passes."""
+    if event is not None and event.is_set():
+        return True
     if timeout <= 0:
         return False
     watched = tuple((_file(topic), since) for topic, since in stamps.items())
-    return _watcher.wait(watched, timeout, current_app.config["WAKE_TICK"])
+    return _watcher.wait(watched, timeout, current_app.config["WAKE_TICK"], event)
 
 
 def _mtime(path: str) -> int:
@@ -102,9 +105,10 @@ class _Watcher:
         self.tick = 0.005
         self.pid = 0
 
-    def wait(self, watched: tuple[tuple[str, int], ...], timeout: float, tick: float) -> bool:
-        """Register, sleep on an Event until the watcher sets it or the timeout passes."""
-        entry = (watched, threading.Event())
+    def wait(self, watched: tuple[tuple[str, int], ...], timeout: float, tick: float,
+             event: Optional[threading.Event] = None) -> bool:
+        """Register, sleep on an Event (the caller's, which others may set too) until it is set or the timeout passes."""
+        entry = (watched, event or threading.Event())
         with self.cond:
             if self.pid != os.getpid():
                 # First use in this process (or after a fork): the parent's thread is gone.
