@@ -56,17 +56,19 @@ def run_idle(stack: Stack, seconds: float) -> list[Row]:
         else:
             value = fig["queries"]
             shown = f"{value:.2f} q/s (statements+commits+rollbacks), +{fig['begins']:.2f} BEGIN/s"
-        if case.startswith(f"{STREAMS} "):
-            # The issue's bound for many waiters: per process, not per waiter.
-            rows.append(Row(f"idle, {case}", shown, f"<= 1 q/s per process ({stack.processes})",
-                            value <= stack.processes))
-        else:
+        if not case.startswith(f"{STREAMS} "):  # judged per process below
             rows.append(Row(f"idle, {case}", shown, f"<= {TARGET:g} q/s", value <= TARGET))
+    # Idle cost is paid per process that serves a stream: compare per process, so streams
+    # that landed on both processes do not read as a cost of the streams themselves.
     many, one = figures[f"{STREAMS} idle streams"], figures["1 idle stream"]
     key = "questions" if "questions" in many else "queries"
-    each = (many[key] - one[key]) / (STREAMS - 1)
-    print(f"  idle, each held stream beyond the first: {each:.3f} q/s")
-    rows.append(Row("idle, each held stream beyond the first", f"{each:.3f} q/s",
+    per_process = many[key] / max(1, many["processes"])
+    each = (per_process - one[key] / max(1, one["processes"])) / (STREAMS / max(1, many["processes"]) - 1)
+    print(f"  idle, {STREAMS} streams on {many['processes']} processes: {per_process:.2f} q/s per process, "
+          f"{each:.3f} q/s for each stream beyond a process's first")
+    rows.append(Row(f"idle, {STREAMS} idle streams, per process", f"{per_process:.2f} q/s", "<= 1 q/s",
+                    per_process <= 1.0))
+    rows.append(Row("idle, each held stream beyond a process's first", f"{each:.3f} q/s",
                     f"<= {PER_STREAM:g} q/s", each <= PER_STREAM))
     return rows
 
@@ -89,15 +91,14 @@ def start(stack: Stack, site: Site, folder: str) -> None:
     stack.start_gateway(site, {**IDLE_ENV, "BENCH_COUNT_DIR": folder}, config="count_queries.py")
 
 
-def read_counts(folder: str) -> dict[str, int]:
-    """Sum the counts every gunicorn worker published in folder."""
-    total = {"statements": 0, "begins": 0, "commits": 0, "rollbacks": 0}
+def read_counts(folder: str) -> dict[str, dict[str, int]]:
+    """Read the counts each gunicorn worker published in folder, by worker."""
+    found = {}
     for name in os.listdir(folder):
         if name.startswith("queries-") and not name.endswith(".tmp"):
             with open(os.path.join(folder, name)) as f:
-                for key, value in zip(total, f.read().split()):
-                    total[key] += int(value)
-    return total
+                found[name] = dict(zip(("statements", "begins", "commits", "rollbacks"), map(int, f.read().split())))
+    return found
 
 
 def measure(stack: Stack, folder: str, seconds: float) -> dict[str, float]:
@@ -112,7 +113,11 @@ def measure(stack: Stack, folder: str, seconds: float) -> dict[str, float]:
     time.sleep(seconds)
     c1 = read_counts(folder)
     elapsed = time.monotonic() - t0
-    rate = {k: (c1[k] - c0[k]) / elapsed for k in c0}
+    keys = ("statements", "begins", "commits", "rollbacks")
+    delta = {worker: {k: n[k] - c0.get(worker, {}).get(k, 0) for k in keys} for worker, n in c1.items()}
+    rate = {k: sum(d[k] for d in delta.values()) / elapsed for k in keys}
+    # The processes that sent anything in the window: what an idle cost is paid by.
+    rate["processes"] = sum(1 for d in delta.values() if any(d.values()))
     # What MariaDB's Questions counts: statements plus COMMIT/ROLLBACK, never a BEGIN.
     result = {"queries": rate["statements"] + rate["commits"] + rate["rollbacks"], **rate}
     if server:
@@ -150,7 +155,9 @@ class HeldStreams:
         end = time.monotonic() + 30
         while len(jobs) < self.count and time.monotonic() < end:
             answer = worker.post(f"{url}/claim", timeout=30,
-                                 json={**claim, "max_jobs": self.count - len(jobs), "capacity": self.count, "wait": 5})
+                                 json={**claim, "max_jobs": min(32, self.count - len(jobs)), "capacity": self.count, "wait": 5})
+            if not answer.ok:
+                raise RuntimeError(f"the bench worker's claim was refused: {answer.status_code} {answer.text}")
             jobs += answer.json()["jobs"]
         if len(jobs) < self.count:
             raise RuntimeError(f"{self.count - len(jobs)} held jobs were never claimable")
