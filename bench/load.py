@@ -46,9 +46,11 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
 
 
 def drive(stack: Stack, base: str, key: str, clients: int, procs: int, warmup: float, seconds: float, folder: str,
-          counters: tuple[str, ...], *extra: str) -> tuple[list[dict[str, Any]], tuple[float, float], "Watch"]:
+          counters: tuple[str, ...], *extra: str,
+          grace: float = 90) -> tuple[list[dict[str, Any]], tuple[float, float], "Watch"]:
     """Run `clients` threads in `procs` client processes over a warm-up and a window (clients.py
-    options in `extra`); return every request's record, the window and what was watched over it."""
+    options in `extra`), waiting up to `grace` s past it for their last requests; return every
+    request's record, the window and what was watched over it."""
     start_at = time.time() + 3.0  # the client processes import openai meanwhile
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
     outs = []
@@ -63,7 +65,7 @@ def drive(stack: Stack, base: str, key: str, clients: int, procs: int, warmup: f
     time.sleep(max(0.0, measure_from - time.time()))
     with Watch(stack, counters, "over the window") as watch:
         time.sleep(max(0.0, stop_at - time.time()))
-    wait_named(stack, "clients-", stop_at + 90)
+    wait_named(stack, "clients-", stop_at + grace)
     records: list[dict[str, Any]] = []
     for out in outs:
         with open(out) as f:
