@@ -154,6 +154,36 @@ def test_each_request_has_one_settled_usage_row_and_rollup(app, account, live):
     assert summary["by_model"]["echo"]["completion_tokens"] == daily[0].completion_tokens
 
 
+def test_concurrent_requests_of_an_uncapped_user_are_each_counted_once(app, account, live):
+    # No cap, so admission takes no lock on the user: the shared counters (rate buckets,
+    # the daily roll-up) must still add up exactly when many requests settle at once.
+    give_tier(app, account.user_id)
+    statuses = []
+    start = threading.Barrier(16)
+
+    def one(i):
+        start.wait()
+        statuses.append(post(live, account.key, stream=bool(i % 2)).status_code)
+
+    with WorkerThread(live.url, account.token):
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert statuses == [200] * 16
+    found = rows(app)
+    assert len(found) == 16 and all(r.settled and r.status == "completed" for r in found)
+    tokens = sum(r.prompt_tokens + r.completion_tokens for r in found)
+    daily = rows(app, UsageDaily)
+    assert [(d.requests, d.prompt_tokens + d.completion_tokens) for d in daily] == [(16, tokens)]
+    with app.app_context(), db.read() as s:
+        sums = s.execute(select(RateBucket.subject, func.sum(RateBucket.requests), func.sum(RateBucket.tokens))
+                         .group_by(RateBucket.subject)).all()
+    buckets = {subject: (int(requests), int(used)) for subject, requests, used in sums}
+    assert buckets == {"u": (16, tokens), "k": (16, tokens)}
+
+
 def test_abandoned_stream_is_accounted_for_what_was_produced(app, account, live):
     stopped = threading.Event()
 

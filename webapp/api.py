@@ -74,13 +74,14 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
     """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer."""
 
     def admit(s, job, now) -> list[limits.WindowState]:
-        states = limits.admit(s, key, job, prompt_tokens, now)
+        return limits.admit(s, key, job, prompt_tokens, now)
+
+    def record(s, job, now) -> None:
         usage.open_row(s, job, key.id, prompt_tokens, now)
-        return states
 
     try:
         job, states = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit,
-                                      reader=True)
+                                      reader=True, record=record)
     except ApiError as err:
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)

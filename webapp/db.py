@@ -175,11 +175,12 @@ class Database:
 
         Lock order. Every writer takes row locks in this order, so no two of our own
         transactions can wait on each other in a cycle: users -> api_keys -> settings (the
-        budget's lock row) -> rate_buckets -> jobs -> usage -> chunks -> usage_daily ->
-        workers -> held_requests. A foreign key check takes a shared lock on the parent row,
-        so a unit that inserts a child of `users` (usage_daily, usage) after touching a later
-        table must lock its user first (see usage.settle). What InnoDB still picks as a
-        deadlock victim, `retrying` runs again.
+        budget's lock row) -> jobs -> usage -> chunks -> workers -> usage_daily ->
+        rate_buckets -> held_requests. A foreign key check takes a shared lock on the parent
+        row: settling a job takes its worker's that way, and the user's when it starts a day's
+        roll-up row, both before any rate bucket. The roll-up and bucket rows, which every
+        request of a user shares, come last, so their locks last one round trip to the
+        commit. What InnoDB still picks as a deadlock victim, `retrying` runs again.
         """
         with current_app.extensions["pollgate.sessions"]() as session, session.begin():
             yield session

@@ -37,22 +37,25 @@ def submit_job(
     kind: str = "chat",
     admit: Optional[Callable[[Session, Job, dt.datetime], A]] = None,
     reader: bool = False,
+    record: Optional[Callable[[Session, Job, dt.datetime], None]] = None,
 ) -> tuple[Job, Optional[A]]:
     """Queue a job, wake the workers, and return the job with what `admit` returned.
 
     `admit` runs first in the same transaction: it may raise to refuse the job (rate
-    limits), may raise its priority (the user's tier), and may add rows that must exist
-    exactly when the job does (its usage row). A deadlock runs the whole unit again.
-    With `reader`, the submitting request relays the answer and must renew the job's
-    reader expiry (relay.Reader), or the reaper cancels the job.
+    limits) and may raise its priority (the user's tier). `record` runs last, after the
+    job row: it adds rows that must exist exactly when the job does (its usage row, its
+    rate counters). Those counters are the user's busiest rows, so they are written just
+    before the commit and their locks are held for one round trip, not the whole unit.
+    A deadlock runs the whole unit again. With `reader`, the submitting request relays the
+    answer and must renew the job's reader expiry (relay.Reader), or the reaper cancels the job.
     """
-    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader)
+    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record)
     wake.ring("jobs")
     return job, admitted
 
 
 @retrying
-def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader):
+def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record):
     now = utcnow()
     job = Job(
         public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
@@ -75,6 +78,8 @@ def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, adm
         aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
         job.rank = int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - job.priority * aging_ms
         s.add(job)
+        if record is not None:
+            record(s, job, now)
     return job, admitted
 
 

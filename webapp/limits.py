@@ -1,9 +1,10 @@
 """Rate limits per user (its tier) and per key (its overrides), over sliding windows.
 
-Exact across processes and nodes: each admission locks the user's row, counts each window
-and records its own use in the same transaction, so N concurrent requests against a limit
-of L admit exactly L. Windows are summed from per-minute buckets plus the usage rows of
-the window's first, partial minute, so the cost stays flat however busy a user is.
+Exact across processes and nodes: each admission under a cap locks the user's row, counts
+each window and records its own use in the same transaction, so N concurrent requests
+against a limit of L admit exactly L. Windows are summed from per-minute buckets plus the
+usage rows of the window's first, partial minute, so the cost stays flat however busy a
+user is.
 """
 from __future__ import annotations
 
@@ -51,11 +52,17 @@ def tier_of(s: Session, user: User) -> Optional[Tier]:
 
 
 def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetime) -> list[WindowState]:
-    """Inside the submit transaction: check every cap, set the job's priority and count the request."""
-    # The row lock serialises admissions of one user across processes (SQLite's
-    # BEGIN IMMEDIATE already serialises everything).
-    user = s.scalar(select(User).where(User.id == key.user_id).with_for_update())
+    """Inside the submit transaction: check every cap and set the job's priority; the caller then counts the request (`record`)."""
+    user = s.get(User, key.user_id)
     tier = tier_of(s, user)
+    if capped(key, tier):
+        # Counting must be exact, so the user's row lock serialises the admissions of one
+        # capped user across processes (SQLite's BEGIN IMMEDIATE already serialises
+        # everything). An uncapped user's requests count nothing and need no lock, so they
+        # do not queue behind each other.
+        user = s.scalar(select(User).where(User.id == key.user_id).with_for_update().execution_options(
+            populate_existing=True))
+        tier = tier_of(s, user)
     subjects = [("API key", "k", key.id, key)]
     if tier is not None:
         subjects.insert(0, ("account", "u", user.id, tier))
@@ -84,12 +91,16 @@ def admit(s: Session, key: ApiKey, job: Job, prompt_tokens: int, now: dt.datetim
             )
     # Queue priority: the tier's plus the user's own adjustment.
     job.priority = user.priority + (tier.priority if tier is not None else 0)
-    # Record before the usage row is added (usage.open_row): adding it brings the
-    # unfinished job into the session.
-    record(s, user.id, key.id, now, 1, prompt_tokens)
     for state in states:
         state.used += prompt_tokens if state.kind == "tokens" else 1
     return states
+
+
+def capped(key: ApiKey, tier: Optional[Tier]) -> bool:
+    """Tell whether any cap applies to this key's requests: a window of its own or its tier's, or a concurrency cap."""
+    limited = [key] if tier is None else [key, tier]
+    return any(caps.limit(kind, window) is not None for caps in limited for kind in KINDS for window in WINDOWS) or (
+        tier is not None and bool(tier.max_concurrent))
 
 
 def record(s: Session, user_id: int, key_id: Optional[int], at: dt.datetime, requests: int, tokens: int) -> None:

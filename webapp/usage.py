@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from . import budget, events, limits, token_count
 from .db import db, retrying, upsert_add
-from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, User, utcnow
+from .models import TERMINAL, Chunk, Job, ModelPrice, Usage, UsageDaily, utcnow
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos", "latency_ms")
 
@@ -35,11 +35,12 @@ def _ms(start: Optional[dt.datetime], end: Optional[dt.datetime]) -> Optional[in
 
 
 def open_row(s: Session, job: Job, api_key_id: Optional[int], prompt_tokens: int, now: dt.datetime) -> None:
-    """Inside the submit transaction: add the request's usage row, born with its job."""
+    """Inside the submit transaction, after the job: add the request's usage row and count it in the rate windows."""
     s.add(Usage(
         job=job, request_id=job.public_id, user_id=job.user_id, api_key_id=api_key_id, model=job.model,
         stream=job.stream, status="queued", prompt_tokens=prompt_tokens, created_at=now,
     ))
+    limits.record(s, job.user_id, api_key_id, now, 1, prompt_tokens)
 
 
 @retrying
@@ -63,10 +64,6 @@ def _settle(s: Session, job_id: int, deltas: Optional[list[dict[str, Any]]], cou
     job = s.get(Job, job_id)
     if job is None or job.state not in TERMINAL:
         return False
-    # Lock order: the user's row first, as admission takes it. The daily roll-up's
-    # foreign key would otherwise take it last, after the rate buckets, and deadlock
-    # against an admission that holds it and waits for a bucket.
-    s.execute(select(User.id).where(User.id == job.user_id).with_for_update())
     # The row lock (and `settled`) make a second settler, in any process, a no-op.
     usage = s.scalar(select(Usage).where(Usage.job_id == job_id).with_for_update())
     if usage is None or usage.settled:
@@ -77,9 +74,8 @@ def _settle(s: Session, job_id: int, deltas: Optional[list[dict[str, Any]]], cou
         if deltas is None or len(deltas) != job.next_seq:
             deltas = [c.delta for c in s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq))]
         prompt, completion, source = job_tokens(job, deltas)
-    # Token windows counted the prompt at admission; add what changed since.
-    limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0,
-                  prompt + completion - usage.prompt_tokens - usage.completion_tokens)
+    # Token windows counted the prompt at admission; what changed since is added last.
+    tokens_since = prompt + completion - usage.prompt_tokens - usage.completion_tokens
     price = s.scalar(select(ModelPrice).where(ModelPrice.model == usage.model))
     usage.status = job.state
     usage.error_code = job.error_code
@@ -90,7 +86,13 @@ def _settle(s: Session, job_id: int, deltas: Optional[list[dict[str, Any]]], cou
     usage.latency_ms = _ms(job.created_at, usage.finished_at)
     usage.ttft_ms = _ms(job.created_at, job.first_chunk_at)
     usage.settled = True
+    # The roll-up row, then the rate buckets: the rows every request of the user shares
+    # come last, in admission's order, so their locks are held until a commit that is one
+    # round trip away. The roll-up row's foreign key takes a shared lock on the user (a
+    # new row only), before any bucket, so this never waits on a capped admission while
+    # holding a bucket it wants.
     _add_to_daily(s, usage)
+    limits.record(s, usage.user_id, usage.api_key_id, usage.created_at, 0, tokens_since)
     return True
 
 
