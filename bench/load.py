@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import requests
 
 import cpu
 from latency import stage_row
+from profile import Profile
 from stack import PYTHON, Site, Stack, utcnow
 from stats import Row, ms, spread_ms
 
@@ -46,11 +48,11 @@ def run_throughput(stack: Stack, workers: int, slots: int, clients: int, seconds
 
 
 def drive(stack: Stack, base: str, key: str, clients: int, procs: int, warmup: float, seconds: float, folder: str,
-          counters: tuple[str, ...], *extra: str,
-          grace: float = 90) -> tuple[list[dict[str, Any]], tuple[float, float], "Watch"]:
+          counters: tuple[str, ...], *extra: str, grace: float = 90,
+          profile: Optional[Profile] = None) -> tuple[list[dict[str, Any]], tuple[float, float], "Watch"]:
     """Run `clients` threads in `procs` client processes over a warm-up and a window (clients.py
     options in `extra`), waiting up to `grace` s past it for their last requests; return every
-    request's record, the window and what was watched over it."""
+    request's record, the window and what was watched over it (and `profile` sampled it)."""
     start_at = time.time() + 3.0  # the client processes import openai meanwhile
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
     outs = []
@@ -63,7 +65,7 @@ def drive(stack: Stack, base: str, key: str, clients: int, procs: int, warmup: f
                                      "--stop-at", str(stop_at), "--out", out, *extra],
                     {**os.environ, "BENCH_API_KEY": key})
     time.sleep(max(0.0, measure_from - time.time()))
-    with Watch(stack, counters, "over the window") as watch:
+    with Watch(stack, counters, "over the window") as watch, profile or contextlib.nullcontext():
         time.sleep(max(0.0, stop_at - time.time()))
     wait_named(stack, "clients-", stop_at + grace)
     records: list[dict[str, Any]] = []

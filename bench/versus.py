@@ -18,6 +18,7 @@ from typing import Optional
 from latency import openai_client, timed_streams
 from load import drive, in_window
 from mariadb import free_port
+from profile import Profile
 from stack import HERE, PYTHON, ROOT, Stack, utcnow
 from stats import Row, ms, spread_ms
 
@@ -132,8 +133,10 @@ def throughput_of(stack: Stack, name: str, base: str, key: str, clients: int, se
     """Drive non-streamed requests from `clients` threads over a window; return req/s and detail rows."""
     folder = os.path.join(stack.dir, f"versus-{name}")
     os.makedirs(folder, exist_ok=True)
+    # Pollgate's window is sampled too, so the page can say where its CPU goes.
+    profile = Profile(stack.gateway.pid, seconds, os.path.join(folder, "py-spy.txt")) if name == "Pollgate" else None
     records, (measure_from, stop_at), watch = drive(stack, base, key, clients, procs, warmup, seconds, folder, (),
-                                                    "--model", MODEL, "--no-stream")
+                                                    "--model", MODEL, "--no-stream", profile=profile)
     ok, errors, latency = in_window(records, measure_from, stop_at)
     print(f"  {name}: {len(ok)} ok in the window, {len(errors)} errors in {len(records)} requests; "
           f"latency p50 {ms(latency['p50'])}, p99 {ms(latency['p99'])}"
@@ -142,6 +145,7 @@ def throughput_of(stack: Stack, name: str, base: str, key: str, clients: int, se
         Row("errors", f"{len(errors)} of {len(records)}", "0", not errors),
         Row("latency p50 / p99", f"{ms(latency['p50'])} / {ms(latency['p99'])}"),
         Row("CPU in cores", watch.cpu_used),
+        *([Row(f"gunicorn CPU {part} (py-spy)", value) for part, value in profile.shares().items()] if profile else []),
     ]
 
 
