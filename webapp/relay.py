@@ -21,7 +21,7 @@ from . import jobs, maintenance, wake
 from .db import is_unavailable
 from .errors import ApiError, ClientGone, database_unavailable
 from .models import TERMINAL, Chunk, Job, utcnow
-from .tailer import Followed, tailer
+from .tailer import Followed, Tailer, tailer
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,19 @@ class Reader:
     hold: int
     sock: Any
     followed: Followed
+    tailer: Tailer
 
     @classmethod
     def for_request(cls, job_id: int, hold: int) -> "Reader":
         """Make the reader of the current request; the tailer looks after it until `close`."""
         env = request.environ
         sock = env.get("gunicorn.socket") or env.get("werkzeug.socket")
-        return cls(job_id, hold, sock, tailer().follow(job_id, hold))
+        mine = tailer()
+        return cls(job_id, hold, sock, mine.follow(job_id, hold), mine)
 
     def close(self) -> None:
         """Stop the tailer's renewals: the request ended."""
-        tailer().forget(self.followed)
+        self.tailer.forget(self.followed)
 
     def wait(self, topic: str, since: int, timeout: float) -> bool:
         """Sleep until the job's bell rings, the tailer says it moved, or the timeout passes; tell which."""
