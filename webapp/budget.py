@@ -19,7 +19,7 @@ import threading
 from typing import Optional
 
 from flask import current_app
-from sqlalchemy import case, delete, func, insert, select
+from sqlalchemy import bindparam, case, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from . import settings
@@ -50,18 +50,35 @@ def acquire(kind: str, ttl: float, user_id: Optional[int] = None) -> Optional[in
     if not limit:
         return 0
     now = utcnow()
+    share = user_share(limit) if user_id is not None else limit
     with db.begin() as s:
         # SQLite's BEGIN IMMEDIATE already serialises; on MySQL this row lock does.
         s.execute(select(Setting.name).where(Setting.name == LOCK_ROW).with_for_update())
-        # Everyone's and the caller's live slots in one statement.
-        mine = func.coalesce(func.sum(case((HeldRequest.user_id == user_id, 1), else_=0)), 0)
-        live = (HeldRequest.kind == kind) & (HeldRequest.expires_at > now)
-        total, own = s.execute(select(func.count(), mine).where(live)).one()
-        if total >= limit or (user_id is not None and own >= user_share(limit)):
-            return None
-        result = s.execute(insert(HeldRequest).values(
-            kind=kind, user_id=user_id, expires_at=now + dt.timedelta(seconds=ttl), created_at=now))
-        return result.inserted_primary_key[0]
+        # Count and take in one statement: under the lock every earlier taker has committed,
+        # so the statement's own read sees every live slot, and the lock that every held
+        # request of the node queues on lasts one round trip to the commit, not two.
+        result = s.execute(_TAKE, {"kind": kind, "user_id": user_id, "now": now, "limit": limit, "share": share,
+                                   "expires_at": now + dt.timedelta(seconds=ttl)})
+        return result.lastrowid if result.rowcount == 1 else None
+
+
+def _take_statement():
+    """Build the statement that takes a slot only while fewer than :limit are live, and fewer than :share are the user's."""
+    live = (
+        select(func.count().label("total"),
+               func.coalesce(func.sum(case((HeldRequest.user_id == bindparam("user_id"), 1), else_=0)), 0).label("own"))
+        .where(HeldRequest.kind == bindparam("kind"), HeldRequest.expires_at > bindparam("now"))
+        .subquery("live")
+    )
+    values = select(
+        bindparam("kind", type_=HeldRequest.kind.type), bindparam("user_id", type_=HeldRequest.user_id.type),
+        bindparam("expires_at", type_=HeldRequest.expires_at.type), bindparam("now", type_=HeldRequest.created_at.type),
+    ).select_from(live).where(live.c.total < bindparam("limit"), live.c.own < bindparam("share"))
+    table = HeldRequest.__table__
+    return insert(table).from_select([table.c.kind, table.c.user_id, table.c.expires_at, table.c.created_at], values)
+
+
+_TAKE = _take_statement()
 
 
 def acquire_or_refuse(kind: str, ttl: float, user_id: Optional[int] = None) -> int:
