@@ -40,6 +40,7 @@ def test_admin_sees_the_queue_and_cancels_a_job(app, admin):
         job, _ = jobs.submit_job(account.user_id, None, "echo", {"model": "echo", "messages": PROMPT}, False)
     page = client.get("/admin/").text
     assert re.search(r'data-model="echo"><td>echo</td><td class="queued">1<', page)
+    assert 'href="/healthz"' in page and 'href="/readyz"' in page  # the probes, linked from the queue
     r = client.post(f"/admin/jobs/{job.id}/cancel", data={"csrf_token": csrf(client.get("/admin/"))})
     assert r.status_code == 302
     with app.app_context(), db.read() as s:

@@ -19,6 +19,7 @@ from werkzeug.security import generate_password_hash
 
 from conftest import PASSWORD, ROOT, TEST_CONFIG, csrf, make_app, sign_in
 from protocol import WorkerThread
+from support import free_port
 from webapp import accounts, create_app, installer, migrate
 from webapp.db import db
 
@@ -162,6 +163,10 @@ def test_a_new_upload_holds_the_api_then_the_admin_upgrade_keeps_everything(app,
     health = client.get("/healthz")
     assert health.status_code == 503 and health.get_json()["schema"] == "behind"
     assert health.get_json()["pending"] == newer_than(FIRST_INSTALLER_RELEASE) != []
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.headers["Retry-After"]
+    assert ready.get_json() == {"ok": False, "database": "ok", "schema": "behind", "revisions": [FIRST_INSTALLER_RELEASE],
+                                "pending": newer_than(FIRST_INSTALLER_RELEASE), "unknown": []}
 
     # Everyone else is told plainly; nobody gets a traceback.
     assert "being upgraded" in client.get("/").get_data(as_text=True)
@@ -184,6 +189,8 @@ def test_a_new_upload_holds_the_api_then_the_admin_upgrade_keeps_everything(app,
 
     # The same calls now work, with the key and the worker token the old release stored.
     assert client.get("/healthz").get_json() == {"ok": True}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["ok"] is True and ready.get_json()["schema"] == "current"
     with WorkerThread(live.url, rows.token) as worker:  # its first claim, at once, answers 200
         models = client.get("/v1/models", headers={"Authorization": f"Bearer {rows.key}"})
         assert [m["id"] for m in models.get_json()["data"]] == ["echo"]
@@ -285,6 +292,8 @@ def test_a_database_newer_than_the_code_says_so(db_url, tmp_path):
     assert "9999" in message and "newer release" in message
     health = client.get("/healthz")
     assert health.status_code == 503 and health.get_json()["schema"] == "ahead" and health.get_json()["unknown"] == ["9999"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["schema"] == "ahead" and ready.get_json()["unknown"] == ["9999"]
     assert "older than its database" in client.get("/").get_data(as_text=True)
     boss = app.test_client()
     sign_in(boss, admin.email)
@@ -314,6 +323,30 @@ def import_passenger_wsgi(instance: str) -> dict:
                           env={**env, "POLLGATE_INSTANCE_PATH": instance})
     assert done.returncode == 0, done.stderr
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
+
+
+def test_readyz_says_a_database_that_does_not_answer_without_naming_it(tmp_path, caplog):
+    # A MySQL server that is not there (a closed port) and an SQLite file that cannot be opened.
+    closed = f"mysql+pymysql://pollgate:secret-password@127.0.0.1:{free_port()}/pollgate"
+    for url in (closed, f"sqlite:///{tmp_path}/no/such/folder/pollgate.db"):
+        app = create_app({**TEST_CONFIG, "DATABASE_URL": url}, instance_path=str(tmp_path / "instance"))
+        ready = app.test_client().get("/readyz")
+        assert ready.status_code == 503 and ready.headers["Retry-After"] and ready.headers["Cache-Control"] == "no-store"
+        assert ready.get_json() == {"ok": False, "database": "unreachable", "error": "OperationalError"}
+        app.extensions["pollgate.engine"].dispose()
+        assert "secret-password" not in ready.get_data(as_text=True) + caplog.text
+    assert "readiness: the database did not answer" in caplog.text
+
+
+def test_readyz_answers_200_once_the_schema_is_current(db_url, tmp_path):
+    app = make_app(db_url, str(tmp_path / "instance"))
+    ready = app.test_client().get("/readyz")
+    assert ready.status_code == 200 and "Retry-After" not in ready.headers
+    body = ready.get_json()
+    assert body["ok"] is True and body["database"] == "ok" and body["schema"] == "current" and body["pending"] == []
+    with app.app_context():
+        assert body["revisions"] == list(migrate.scripts().get_heads())
+    app.extensions["pollgate.engine"].dispose()
 
 
 def test_passenger_wsgi_builds_the_app_and_loads_tiktoken_at_import(tmp_path):

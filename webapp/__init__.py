@@ -69,6 +69,13 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     def healthz():
         return {"ok": True}
 
+    @app.get("/readyz")
+    def readyz():
+        # Liveness is /healthz; this one asks the database, for load balancers and probes.
+        body, status = migrate.readiness()
+        headers = {"Retry-After": str(migrate.RETRY_AFTER)} if status != 200 else {}
+        return body, status, {"Cache-Control": "no-store", **headers}
+
     return app
 
 

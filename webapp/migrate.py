@@ -7,6 +7,7 @@ administrator is led to Admin > Upgrade, and everyone else sees a page saying so
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from .db import db
 from .errors import ApiError, is_api_path, error_response
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
+
 # While the schema differs from the code, look at alembic_version again at most this often;
 # once it matches, never again: a process only gets new code by restarting.
 RECHECK = 5.0
@@ -101,6 +105,19 @@ def schema_state() -> SchemaState:
     return SchemaState(database, tuple(r.revision for r in reversed(list(revisions))), ())
 
 
+def readiness() -> tuple[dict, int]:
+    """Say whether this process can serve, looking afresh: the database answers and is at this code's migrations."""
+    try:
+        state = schema_state()
+    except SQLAlchemyError as err:
+        # The class only: a driver's message can name the server and the account.
+        log.warning("readiness: the database did not answer (%s)", err.__class__.__name__)
+        return {"ok": False, "database": "unreachable", "error": err.__class__.__name__}, 503
+    body = {"ok": state.current, "database": "ok", "schema": state.name, "revisions": list(state.database),
+            "pending": list(state.pending), "unknown": list(state.unknown)}
+    return body, 200 if state.current else 503
+
+
 def _known(script: ScriptDirectory, revision: str) -> bool:
     try:
         script.get_revision(revision)
@@ -143,6 +160,8 @@ def init_app(app: Flask) -> None:
 
 def hold_until_upgraded() -> Optional[Response]:
     """Answer 503 (API), lead administrators to the upgrade page, or show a page, until the schema matches."""
+    if request.endpoint == "readyz":
+        return None  # it looks for itself, and must answer even when the database does not
     state = seen_state()
     if state.current:
         return None
