@@ -36,7 +36,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     _follow_site_url(app)
 
 
-    from . import cli, errors, migrate
+    from . import cli, cors, errors, migrate
     from .db import db
     from .extensions import csrf, login_manager, security_headers
 
@@ -46,6 +46,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     login_manager.init_app(app)
     csrf.init_app(app)
     migrate.init_app(app)
+    cors.init_app(app)
 
     from . import admin, api, auth, browser_worker, dashboard, history, worker_api
 

@@ -8,7 +8,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from sqlalchemy import func, select, update
 
-from . import accounts, budget, events, jobs, migrate, settings
+from . import accounts, budget, cors, events, jobs, migrate, settings
 from .db import db
 from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
 from .workers import public_url, worker_state
@@ -258,6 +258,14 @@ def site_settings():
                 flash(message, "error")
                 return redirect(url_for("admin.site_settings"))
             values[field] = int(raw)
+        if "cors_origins" in request.form:
+            origins = [o for o in request.form["cors_origins"].replace(",", " ").split() if o]
+            bad = [o for o in origins if cors.normalise(o) is None]
+            if bad:
+                flash(f"{bad[0]} is not an origin: write it as https://chat.example.com (a scheme, a host, "
+                      "a port if not the usual one, no path), or * for any site.", "error")
+                return redirect(url_for("admin.site_settings"))
+            values["cors_origins"] = sorted({cors.normalise(o) for o in origins})
         settings.save(values)
         events.record("settings_changed", current_user.email, "site settings changed", current_user.id)
         flash("The settings are saved.", "info")

@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "max_api_keys_per_user": 25,
     "max_worker_tokens_per_user": 25,
     "max_answer_mb": 16,
+    # Web pages whose scripts may call /v1/* (see cors.py); none until an administrator says.
+    "cors_origins": [],
 }
 # Other processes pick up a change within this many seconds; the changing one at once.
 CACHE_SECONDS = 5.0
