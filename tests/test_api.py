@@ -48,6 +48,7 @@ def test_completion_returns_the_answer_with_exact_usage(app, account, live):
     with WorkerThread(live.url, account.token):
         reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply._request_id == reply.id  # the openai package reads it from x-request-id
     assert reply.choices[0].message.content == PROMPT[0]["content"]
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason == "stop"
@@ -65,6 +66,7 @@ def test_stream_speaks_openais_event_format(app, account, live):
             model="echo", messages=PROMPT, stream=True, stream_options={"include_usage": True}
         )
         chunks = list(stream)
+    assert stream.response.headers["x-request-id"] == chunks[0].id
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == PROMPT[0]["content"]

@@ -86,8 +86,10 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)
         raise
-    rate_headers = limits.headers(states or [])
-    after_this_request(lambda response: add_headers(response, rate_headers))
+    # x-request-id names the completion, as OpenAI's does its request: the openai
+    # packages expose it (`_request_id`), and support can find the job by it.
+    headers = {**limits.headers(states or []), "x-request-id": job.public_id}
+    after_this_request(lambda response: add_headers(response, headers))
     return job
 
 
