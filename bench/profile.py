@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from typing import Optional
 
 from stack import PYTHON
@@ -128,9 +127,3 @@ def package_of(file: str) -> str:
     if "webapp" in parts:
         return "webapp"
     return parts[0] if len(parts) > 1 else "stdlib"
-
-
-def wait_started(profile: Profile) -> None:
-    """Give py-spy a moment to attach before the window it samples opens."""
-    if profile.proc is not None:
-        time.sleep(0.5)

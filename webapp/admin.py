@@ -259,13 +259,13 @@ def site_settings():
                 return redirect(url_for("admin.site_settings"))
             values[field] = int(raw)
         if "cors_origins" in request.form:
-            origins = [o for o in request.form["cors_origins"].replace(",", " ").split() if o]
-            bad = [o for o in origins if cors.normalise(o) is None]
+            origins = {o: cors.normalise(o) for o in request.form["cors_origins"].replace(",", " ").split()}
+            bad = [o for o, origin in origins.items() if origin is None]
             if bad:
                 flash(f"{bad[0]} is not an origin: write it as https://chat.example.com (a scheme, a host, "
                       "a port if not the usual one, no path), or * for any site.", "error")
                 return redirect(url_for("admin.site_settings"))
-            values["cors_origins"] = sorted({cors.normalise(o) for o in origins})
+            values["cors_origins"] = sorted(set(origins.values()))
         settings.save(values)
         events.record("settings_changed", current_user.email, "site settings changed", current_user.id)
         flash("The settings are saved.", "info")
