@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import typing
 
 import openai
 import pytest
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 
 from conftest import VALIDATION_ONLY, read_until_error
 from protocol import ProtoWorker, StreamReader, WorkerThread
-from webapp import jobs, token_count
+from webapp import jobs, token_count, validation
 from webapp.models import Job, Usage
 
 PROMPT = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
@@ -208,6 +209,32 @@ def test_request_reaches_the_worker_validated(app, account, live):
     assert reply.choices[0].finish_reason == "tool_calls"
 
 
+def test_every_parameter_the_openai_package_sends_is_known():
+    # Taken from the installed package's own request types: a release that adds a parameter
+    # fails here, instead of as users' 400s the day their SDK starts sending it.
+    from openai.types.chat import completion_create_params as params
+    sent = set(typing.get_type_hints(params.CompletionCreateParamsStreaming))
+    sent |= set(typing.get_type_hints(params.CompletionCreateParamsNonStreaming))
+    assert "messages" in sent and "stream" in sent
+    assert sorted(sent - validation.KNOWN) == []
+
+
+def test_newer_openai_parameters_reach_the_worker(app, account, live):
+    seen = {}
+
+    def handler(worker, job):
+        seen.update(job["request"])
+        worker.report(job, [{"content": "ok"}], finish={"reason": "stop"})
+
+    newer = {"verbosity": "low", "prompt_cache_key": "conversation-7", "prompt_cache_retention": "24h",
+             "prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "safety_identifier": "user-hash-1",
+             "moderation": {"model": "omni-moderation-latest"}}
+    with WorkerThread(live.url, account.token, handler):
+        reply = client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, **newer)
+    assert reply.choices[0].message.content == "ok"
+    assert {name: seen.get(name) for name in newer} == newer
+
+
 def test_reasoning_content_is_relayed(app, account, live):
     def handler(worker, job):
         worker.report(job, [{"reasoning_content": "thinking"}, {"content": "answer"}], finish={"reason": "stop"})
@@ -256,6 +283,8 @@ BAD_BODIES = [
     ({"model": "echo", "messages": PROMPT, "logprobs": True}, "logprobs"),
     ({"model": "echo", "messages": PROMPT, "tools": "all"}, "tools"),
     ({"model": "echo", "messages": PROMPT, "frobnicate": 1}, "frobnicate"),
+    ({"model": "echo", "messages": PROMPT, "verbosity": "loud"}, "verbosity"),
+    ({"model": "echo", "messages": PROMPT, "safety_identifier": 7}, "safety_identifier"),
 ]
 
 

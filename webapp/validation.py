@@ -13,6 +13,8 @@ NUMBER_RANGES = {
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
 }
+# Passed through after a type check: the pollclient relays the whole request to its
+# OpenAI-compatible upstream, which honours what it knows; the browser worker ignores them.
 OPAQUE = {
     "tools": list,
     "tool_choice": (str, dict),
@@ -21,6 +23,15 @@ OPAQUE = {
     "reasoning_effort": str,
     "user": str,
     "logit_bias": dict,
+    "prompt_cache_key": str,
+    "prompt_cache_options": dict,
+    "safety_identifier": str,
+    "moderation": dict,
+}
+# Passed through when they are one of OpenAI's values; a typo is the caller's 400, not the upstream's.
+CHOICES = {
+    "verbosity": ("low", "medium", "high"),
+    "prompt_cache_retention": ("in_memory", "24h"),
 }
 # Accepted and dropped: they describe the client's bookkeeping, not the answer.
 IGNORED = ("metadata", "store", "service_tier", "stream_options", "stream", "model", "messages")
@@ -34,6 +45,10 @@ UNSUPPORTED = {
     "function_call": "The deprecated 'function_call' parameter is not supported; use 'tool_choice'.",
     "web_search_options": "Web search options are not supported.",
 }
+# Checked on their own in _param.
+CHECKED = ("max_tokens", "max_completion_tokens", "seed", "n", "stop", "modalities")
+# Every request parameter Pollgate understands; tests hold it against the openai package's own list.
+KNOWN = frozenset([*NUMBER_RANGES, *OPAQUE, *CHOICES, *IGNORED, *UNSUPPORTED, *CHECKED])
 MAX_STOP = 4
 INT32_MAX = 2**31 - 1  # the widest count any column or client library holds safely
 INT64_MAX = 2**63 - 1
@@ -119,6 +134,10 @@ def _param(name: str, value: Any, body: dict) -> Any:
     if name in OPAQUE:
         if not isinstance(value, OPAQUE[name]):
             raise bad(f"{name} has the wrong type.", name, "invalid_type")
+        return value
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise bad(f"{name} must be one of {', '.join(CHOICES[name])}.", name)
         return value
     if name in UNSUPPORTED:
         if value is False or value == 0:
