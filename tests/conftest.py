@@ -55,6 +55,8 @@ TEST_CONFIG = {
     # No tier by default, so tests that send many requests are not rate limited; the
     # limit tests give their users tiers.
     "DEFAULT_TIER": None,
+    # A hung-up stream's job is cancelled at once, as most tests expect; test_resume gives it a grace.
+    "RESUME_GRACE": 0.0,
 }
 
 

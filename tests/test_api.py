@@ -86,10 +86,13 @@ def test_stream_raw_wire_format(app, account, live):
     assert r.headers["Content-Type"].startswith("text/event-stream")
     assert r.headers["Cache-Control"] == "no-cache, no-store"
     assert r.headers["X-Accel-Buffering"] == "no"
-    events = [e for e in body.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]"
-    assert all(e.startswith("data: ") for e in events)
-    assert "usage" not in json.loads(events[-2][6:])  # no usage chunk unless asked for
+    events = [e.split("\n") for e in body.split("\n\n") if e]
+    assert events[-1][1] == "data: [DONE]"
+    # Every event names its place in the stream, so a client that lost it can resume after it.
+    assert all(len(e) == 2 and e[0].startswith("id: ") and e[1].startswith("data: ") for e in events)
+    ids = [int(e[0][4:]) for e in events]
+    assert ids == [*range(len(ids) - 1), len(ids) - 2]
+    assert "usage" not in json.loads(events[-2][1][6:])  # no usage chunk unless asked for
 
 
 def claim_one(worker: ProtoWorker, timeout: float = 30) -> dict:

@@ -48,9 +48,10 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     migrate.init_app(app)
     cors.init_app(app)
 
-    from . import admin, api, auth, browser_worker, dashboard, history, worker_api
+    from . import admin, api, auth, browser_worker, dashboard, history, retrieve, worker_api
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(retrieve.bp)
     app.register_blueprint(browser_worker.bp)
     app.register_blueprint(worker_api.bp)
     app.register_blueprint(auth.bp)
@@ -60,6 +61,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     # The API and the worker protocol authenticate with bearer tokens, never cookies,
     # so a cross-site form cannot ride on them: CSRF tokens are for the pages.
     csrf.exempt(api.bp)
+    csrf.exempt(retrieve.bp)
     csrf.exempt(worker_api.bp)
     app.after_request(security_headers)
     if app.config["TRUSTED_PROXIES"]:

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, after_this_request, current_app, jsonify,
 
 from . import budget, events, jobs, limits, relay, settings, token_count, usage
 from .accounts import authenticate_api_key
-from .completions import chunk_event, completion, images, sse, usage_event
+from .completions import chunk_event, completion, images, sse, status_object, usage_event
 from .errors import ApiError, ClientGone, json_body
 from .models import TERMINAL, Chunk, Job, epoch, utcnow
 from .relay import Reader
@@ -70,8 +70,11 @@ def resolve_model(key, asked: str, kind: str = "chat") -> str:
 
 
 def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
-              kind: str = "chat") -> Job:
-    """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer."""
+              kind: str = "chat", reader: bool = True) -> Job:
+    """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer.
+
+    Without `reader` the job is a background one: it runs whether anybody reads it or not.
+    """
 
     def admit(s, job, now) -> list[limits.WindowState]:
         return limits.admit(s, key, job, prompt_tokens, now)
@@ -81,7 +84,7 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
 
     try:
         job, states = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit,
-                                      reader=True, record=record)
+                                      reader=reader, record=record)
     except ApiError as err:
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)
@@ -109,15 +112,22 @@ def start_request(key, model: str, worker_request: dict[str, Any], stream: bool,
     return Reader.for_request(job.id, hold)
 
 
-def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None) -> None:
+def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None,
+                grace: float = 0.0) -> None:
     """End an API request the one way: stop its job unless it ended, settle its usage, give its slot back.
 
-    Pass `deltas` when the request relayed every chunk of the ended job. Each step stands
-    alone: if the database is unreachable now, the job's reader expiry lapses and the
-    reaper cancels and settles it within HOLD_TTL.
+    Pass `deltas` when the request relayed every chunk of the ended job, and `grace` when
+    its client could come back for the rest: a stream's job then runs on that long for a
+    resume before the reaper cancels it. Each step stands alone: if the database is
+    unreachable now, the job's reader expiry lapses and the reaper cancels and settles it
+    within HOLD_TTL.
     """
     reader.close()
-    if not ended:
+    if ended or reader.detached:
+        pass  # a background job runs on without its readers
+    elif grace > 0:
+        _contained(reader, "keep", lambda: jobs.await_resume(reader.job_id, grace))
+    else:
         # The caller will never read this job's answer: do not let a worker go on producing it.
         _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
     # Settling gives the shared slot back in settlement's transaction; if that fails, the slot goes alone.
@@ -160,9 +170,14 @@ def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
 def chat_completions():
     """Queue a chat request for a worker and relay its answer."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    worker_request, stream, include_usage = validate_chat(json_body())
+    worker_request, stream, include_usage, background = validate_chat(json_body())
     model = worker_request["model"] = resolve_model(key, worker_request["model"])
-    reader = start_request(key, model, worker_request, stream, token_count.count_prompt(worker_request["messages"]))
+    prompt_tokens = token_count.count_prompt(worker_request["messages"])
+    if background:
+        # Answered at once, holding no process: the caller polls, streams or cancels it by id.
+        job = queue_job(key, model, worker_request, False, prompt_tokens, reader=False)
+        return jsonify(status_object(job, [])), 202
+    reader = start_request(key, model, worker_request, stream, prompt_tokens)
     if stream:
         return stream_response(reader, include_usage)
     job, deltas = relay_plain(reader)
@@ -191,55 +206,84 @@ def stream_response(reader: Reader, include_usage: bool) -> Response:
     try:
         first = relay.wait_for_start(reader, current_app.config["HEARTBEAT_INTERVAL"])
     except BaseException:
-        end_request(reader, ended=False)
+        end_request(reader, ended=False, grace=current_app.config["RESUME_GRACE"])
         raise
     job = first[0]
     if job.state in TERMINAL and job.state != "completed" and job.next_seq == 0:
         end_request(reader, ended=True)
         raise relay.job_error(job)
+    return event_stream(reader, first, include_usage)
+
+
+def event_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: bool, after: int = -1) -> Response:
+    """Answer with the job's event stream, from the event after `after` on."""
     return Response(
-        stream_with_context(sse_stream(reader, first, include_usage)),
+        stream_with_context(sse_stream(reader, first, include_usage, after)),
         mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "x-request-id": first[0].public_id},
     )
 
 
-def sse_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: bool) -> Iterator[str]:
-    """Relay a job as OpenAI's event stream from what `wait_for_start` read; a live process ends each with [DONE]."""
+def sse_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: bool, after: int = -1) -> Iterator[str]:
+    """Relay a job as OpenAI's event stream from what was read first; a live process ends each with [DONE].
+
+    Each event's id is its place in the job's stream: 0 the role chunk, seq + 1 each chunk,
+    then the finish (or error), the usage and [DONE]. A resume after event `after` starts
+    at chunk `after` (`first` holds the chunks from there).
+    """
     job = first[0]
+    seq = max(0, after)
     deltas: list[dict[str, Any]] = []
     ended = False
+    last = after
     try:
-        # The role chunk goes out at once: Passenger sends no headers before the first
-        # bytes. Inside the try: a client already gone fails this very first write.
-        yield sse(chunk_event(job, {"role": "assistant", "content": ""}))
-        for kind, payload in relay.follow(reader, first):
+        if after < 0:
+            # The role chunk goes out at once: Passenger sends no headers before the first
+            # bytes. Inside the try: a client already gone fails this very first write.
+            last = 0
+            yield sse(chunk_event(job, {"role": "assistant", "content": ""}), last)
+        for kind, payload in relay.follow(reader, first, seq):
             if kind == "chunks":
                 for chunk in payload:
                     deltas.append(chunk.delta)
-                    yield sse(chunk_event(job, chunk.delta))
+                    last = chunk.seq + 1
+                    yield sse(chunk_event(job, chunk.delta), last)
             elif kind == "heartbeat":
-                yield ": keep-alive\n\n"
+                # A comment line with no blank line after it: once a stream has an id, the
+                # openai package takes a blank line for an event and fails to parse its empty data.
+                yield ": keep-alive\n"
             else:
                 job = payload
         ended = True
-        if job.state != "completed":
-            yield sse(relay.job_error(job).body())
-        else:
-            yield sse(chunk_event(job, {}, job.finish_reason or "stop"))
-            if include_usage:
-                yield sse(usage_event(job, deltas))
-        yield "data: [DONE]\n\n"
+        for event_id, data in closing_events(job, deltas if seq == 0 else None, include_usage):
+            if event_id > after:
+                last = event_id
+                yield sse(data, event_id)
+        yield f"id: {last}\ndata: [DONE]\n\n"
     except ApiError as err:
-        # No worker in time, or the database gone past DB_OUTAGE_GRACE: say so and end cleanly.
-        yield sse(err.body())
-        yield "data: [DONE]\n\n"
+        # No worker in time, or the database gone past DB_OUTAGE_GRACE: say so and end
+        # cleanly. The ids stay where they were, so a resume picks up what is missing.
+        yield sse(err.body(), last)
+        yield f"id: {last}\ndata: [DONE]\n\n"
     except ClientGone:
         pass
     finally:
         # GeneratorExit (the client disconnected) lands here too. Accounted even when
         # abandoned: what the worker produced so far is counted.
-        end_request(reader, ended, deltas)
+        end_request(reader, ended, deltas if seq == 0 else None, current_app.config["RESUME_GRACE"])
+
+
+def closing_events(job: Job, deltas: Optional[list[dict[str, Any]]], include_usage: bool) -> list[tuple[int, Any]]:
+    """Return the ended job's last events with their ids: its finish or error, then its usage; deltas None reads them."""
+    end = job.next_seq + 1
+    if job.state != "completed":
+        return [(end, relay.job_error(job).body())]
+    events = [(end, chunk_event(job, {}, job.finish_reason or "stop"))]
+    if include_usage:
+        if deltas is None:
+            deltas = [chunk.delta for chunk in jobs.read_progress(job.id, 0)[1]]
+        events.append((end + 1, usage_event(job, deltas)))
+    return events
 
 
 def add_headers(response: Response, headers: dict[str, str]) -> Response:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from . import usage
 from .models import Job, epoch
@@ -28,9 +28,35 @@ def usage_event(job: Job, deltas: list[dict[str, Any]]) -> dict[str, Any]:
     return event
 
 
-def sse(data: Any) -> str:
-    """Frame one server-sent event."""
-    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+def sse(data: Any, event_id: Optional[int] = None) -> str:
+    """Frame one server-sent event, with its id when it has one."""
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+# A job's state as a background completion's `status` says it (OpenAI's background words).
+STATUS = {"queued": "queued", "running": "in_progress", "completed": "completed", "failed": "failed",
+          "cancelled": "cancelled", "expired": "expired"}
+
+
+def status_object(job: Job, deltas: list[dict[str, Any]], error: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Describe a job as a chat.completion with its `status`: the whole answer once completed, else what is there so far."""
+    if job.state == "completed":
+        return {**completion(job, deltas), "status": "completed"}
+    found = {
+        "id": job.public_id,
+        "object": "chat.completion",
+        "created": epoch(job.created_at),
+        "model": job.model,
+        "system_fingerprint": None,
+        "status": STATUS[job.state],
+        "choices": [{"index": 0, "message": merge_deltas(deltas), "logprobs": None, "finish_reason": None}]
+        if deltas else [],
+        "usage": None,
+    }
+    if error is not None:
+        found["error"] = error
+    return found
 
 
 def completion(job: Job, deltas: list[dict[str, Any]]) -> dict[str, Any]:

@@ -50,6 +50,9 @@ JOB_TIMEOUT = 600.0  # hard deadline for a job from submission (504 past it)
 JOB_MAX_ATTEMPTS = 3  # claims per job before a lost worker fails it (AI Horde fails after 2 faults)
 PRIORITY_AGING = 30.0  # one priority step is worth this many seconds of waiting
 MODEL_LIVE_WINDOW = 90.0  # a worker advertises its models this long after it was last seen
+# A stream whose client hung up leaves its job running this long for a resume
+# (GET /v1/chat/completions/{id}?stream=true) before the reaper cancels it; 0 cancels at once.
+RESUME_GRACE = 10.0
 HEARTBEAT_INTERVAL = 15.0  # SSE comment on a silent stream (nginx drops silent sockets at 60 s)
 
 # Wake-ups: waiters watch bell files (one stat per file per tick in each process) and

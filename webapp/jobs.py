@@ -308,6 +308,29 @@ def cancel_job(job_id: int, code: str = "cancelled", message: str = "The client 
 
 
 @retrying
+def await_resume(job_id: int, grace: float) -> bool:
+    """Give a job whose reader left `grace` seconds for a new one before the reaper cancels it.
+
+    Only a job that has a reader expiry gets one: a background job has none and runs on
+    whoever reads it or not.
+    """
+    until = utcnow() + dt.timedelta(seconds=grace)
+    with db.begin() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_(("queued", "running")), Job.reader_expires_at.isnot(None))
+            .values(reader_expires_at=until)
+        )
+    return result.rowcount == 1
+
+
+def find_job(public_id: str, user_id: int) -> Optional[Job]:
+    """Return the user's job with this public id, or None (another user's job is none of theirs)."""
+    with db.read() as s:
+        return s.scalar(select(Job).where(Job.public_id == public_id, Job.user_id == user_id))
+
+
+@retrying
 def expire_unclaimed(job_id: int) -> bool:
     """Give up on a job no worker picked up; False if a worker claimed it meanwhile."""
     with db.begin() as s:

@@ -37,14 +37,15 @@ class Reader:
     sock: Any
     followed: Followed
     tailer: Tailer
+    detached: bool = False  # the job is a background one: it runs on whether this request reads it or not
 
     @classmethod
-    def for_request(cls, job_id: int, hold: int) -> "Reader":
+    def for_request(cls, job_id: int, hold: int, detached: bool = False) -> "Reader":
         """Make the reader of the current request; the tailer looks after it until `close`."""
         env = request.environ
         sock = env.get("gunicorn.socket") or env.get("werkzeug.socket")
         mine = tailer()
-        return cls(job_id, hold, sock, mine.follow(job_id, hold), mine)
+        return cls(job_id, hold, sock, mine.follow(job_id, hold), mine, detached)
 
     def close(self) -> None:
         """Stop the tailer's renewals: the request ended."""
@@ -110,7 +111,9 @@ class Dispatch:
             self.seen, self.since = (job.state, job.attempts), time.monotonic()
         waited = time.monotonic() - self.since
         timeout = current_app.config["DISPATCH_TIMEOUT"]
-        if job.state == "queued" and waited >= timeout and jobs.expire_unclaimed(job.id):
+        # A background job (no reader expiry) waits for a worker until its deadline, watched or not.
+        background = job.reader_expires_at is None
+        if job.state == "queued" and not background and waited >= timeout and jobs.expire_unclaimed(job.id):
             raise ApiError(
                 503,
                 f"No worker picked up the request for model '{job.model}' within {timeout:g} seconds. "
@@ -152,15 +155,14 @@ def wait_for_start(reader: Reader, patience: float) -> tuple[Job, list[Chunk]]:
         news = reader.wait(topic, since, min(cfg["WAKE_RECHECK"], max(0.0, continue_for)))
 
 
-def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None) -> Iterator[Progress]:
-    """Yield ("chunks", [...]) as output arrives, ("heartbeat", None) on silence, then ("end", job).
+def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None, seq: int = 0) -> Iterator[Progress]:
+    """Yield ("chunks", [...]) from chunk `seq` on as output arrives, ("heartbeat", None) on silence, then ("end", job).
 
     `first` is what `wait_for_start` read, taken as the first look instead of reading again.
     """
     cfg = current_app.config
     topic = wake.job_topic(reader.job_id)
     dispatch = Dispatch()
-    seq = 0
     last_sent = time.monotonic()
     news = True
     while True:

@@ -119,7 +119,9 @@ def renew(followed: list[Followed], ttl: float) -> None:
     holds = sorted({e.hold for e in followed if e.hold})
     with db.begin() as s:
         # Lock order: jobs before held_requests; ids in order, so two processes never cross.
-        s.execute(update(Job).where(Job.id.in_(jobs), Job.state.in_(("queued", "running")))
+        # A background job has no reader expiry, and a stream resumed on it gives it none.
+        s.execute(update(Job).where(Job.id.in_(jobs), Job.state.in_(("queued", "running")),
+                                    Job.reader_expires_at.isnot(None))
                   .values(reader_expires_at=until))
         if holds:
             s.execute(update(HeldRequest).where(HeldRequest.id.in_(holds)).values(expires_at=until))

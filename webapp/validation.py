@@ -1,7 +1,7 @@
 """Validate an OpenAI chat request and reduce it to what a worker receives."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ApiError
 
@@ -34,7 +34,7 @@ CHOICES = {
     "prompt_cache_retention": ("in_memory", "24h"),
 }
 # Accepted and dropped: they describe the client's bookkeeping, not the answer.
-IGNORED = ("metadata", "store", "service_tier", "stream_options", "stream", "model", "messages")
+IGNORED = ("metadata", "store", "service_tier", "stream_options", "stream", "model", "messages", "background")
 # Known OpenAI parameters no worker can honour: say so instead of silently ignoring them.
 UNSUPPORTED = {
     "logprobs": "Log probabilities are not available through Pollgate workers.",
@@ -80,8 +80,17 @@ def check_str(value: Any, param: str, max_length: int | None = None) -> str:
     return value
 
 
-def validate_chat(body: Any) -> tuple[dict[str, Any], bool, bool]:
-    """Return (worker request, stream, include_usage) or raise a 400 naming the param."""
+class ChatRequest(NamedTuple):
+    """A validated chat request: what the worker receives, and how the client wants the answer."""
+
+    request: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    background: bool
+
+
+def validate_chat(body: Any) -> ChatRequest:
+    """Return the validated request or raise a 400 naming the param."""
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
@@ -97,13 +106,17 @@ def validate_chat(body: Any) -> tuple[dict[str, Any], bool, bool]:
         if not isinstance(options, dict):
             raise bad("stream_options must be an object.", "stream_options", "invalid_type")
         include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    background = _flag(body, "background")
+    if background and stream:
+        raise bad("A background request cannot stream; stream its answer with "
+                  "GET /v1/chat/completions/{id}?stream=true.", "background")
     for name, value in body.items():
         if value is None or name in IGNORED:
             continue
         out_value = _param(name, value, body)
         if out_value is not None:
             out[name] = out_value
-    return out, stream, include_usage
+    return ChatRequest(out, stream, include_usage, background)
 
 
 def _flag(obj: dict, name: str, param: str | None = None) -> bool:
