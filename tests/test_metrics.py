@@ -1,18 +1,20 @@
-"""GET /metrics: the figures match the database on SQLite and MariaDB; the command line makes the token."""
+"""GET /metrics: the figures match the database on SQLite and MariaDB; only the token or an admin reads them."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
 
 import openai
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event, select, update
 
-from conftest import VALIDATION_ONLY
+from conftest import VALIDATION_ONLY, csrf, sign_in
 from protocol import ProtoWorker, WorkerThread
 from webapp import accounts, jobs, maintenance, metrics, settings
 from webapp.db import db
-from webapp.models import Job, ModelPrice, Usage, utcnow
+from webapp.models import Event, Job, ModelPrice, Setting, Usage, utcnow
 
 PROMPT = [{"role": "user", "content": "count every word of this prompt for the metrics"}]
 
@@ -131,6 +133,61 @@ def test_a_scrape_is_a_handful_of_queries_whatever_the_rows(app, account, live):
     # Jobs, workers, held requests, usage timings, the roll-up; one more if the settings expired.
     assert 5 <= len(selects) <= 6, selects
     assert all("GROUP BY" in q.upper() or "held_requests" in q for q in selects if "settings" not in q)
+
+
+@VALIDATION_ONLY
+def test_an_admin_makes_the_token_it_is_shown_once_and_kept_hashed(app, admin, account, caplog):
+    caplog.set_level(logging.DEBUG)
+    client, root = admin
+    anonymous = app.test_client()
+    assert anonymous.get("/metrics").status_code == 404
+    assert client.get("/metrics").status_code == 404  # off is off, for administrators too
+    page = client.get("/admin/settings")
+    assert "answers 404 until you make a token" in page.text
+
+    made = client.post("/admin/settings/metrics-token", data={"csrf_token": csrf(page)})
+    assert made.status_code == 200 and "only this once" in made.text
+    token = re.search(r'id="new-metrics-token">(pgm_[^<]+)<', made.text).group(1)
+    with app.app_context(), db.read() as s:
+        stored = s.get(Setting, "metrics_token").value_json
+        logged = " ".join(s.scalars(select(Event.message)))
+    assert token not in stored and accounts.hash_secret(token) in stored
+    assert token not in logged and token[:12] in logged
+    later = client.get("/admin/settings").text
+    assert token not in later and f"{token[:12]}…" in later
+
+    missing = anonymous.get("/metrics")
+    assert missing.status_code == 401 and missing.mimetype == "text/plain"
+    assert "Authorization: Bearer pgm_" in missing.text and missing.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = anonymous.get("/metrics", headers=bearer("pgm_not-the-token"))
+    assert wrong.status_code == 401 and "not-the-token" not in wrong.text
+    ok = anonymous.get("/metrics", headers=bearer(token))
+    assert ok.status_code == 200 and ok.headers["Cache-Control"] == "no-store"
+    assert "pollgate_queue_depth" in {f.name for f in text_string_to_metric_families(ok.text)}
+    openmetrics = anonymous.get("/metrics", headers={**bearer(token), "Accept": "application/openmetrics-text"})
+    assert openmetrics.mimetype == "application/openmetrics-text" and openmetrics.text.endswith("# EOF\n")
+    assert client.get("/metrics").status_code == 200  # an administrator's session
+    user = app.test_client()
+    sign_in(user, account.email)
+    assert user.get("/metrics").status_code == 401  # anyone else's is not enough
+
+    replaced = client.post("/admin/settings/metrics-token", data={"csrf_token": csrf(page)})
+    new = re.search(r'id="new-metrics-token">(pgm_[^<]+)<', replaced.text).group(1)
+    assert anonymous.get("/metrics", headers=bearer(token)).status_code == 401
+    assert anonymous.get("/metrics", headers=bearer(new)).status_code == 200
+    revoked = client.post("/admin/settings/metrics-token", data={"csrf_token": csrf(page), "revoke": "1"},
+                          follow_redirects=True)
+    assert "revoked" in revoked.text and "answers 404 until you make a token" in revoked.text
+    assert anonymous.get("/metrics", headers=bearer(new)).status_code == 404
+    assert token not in caplog.text and new not in caplog.text
+
+
+@VALIDATION_ONLY
+def test_the_form_needs_its_csrf_token(app, admin):
+    client, _ = admin
+    assert client.post("/admin/settings/metrics-token").status_code == 400
+    with app.app_context():
+        assert settings.get("metrics_token") == {}
 
 
 @VALIDATION_ONLY
