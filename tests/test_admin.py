@@ -29,7 +29,8 @@ def test_non_admins_get_403_everywhere(app, account):
     for path in ADMIN_PAGES:
         assert client.get(path).status_code == 403
     for path in ("/admin/jobs/1/cancel", "/admin/workers/1/shared", "/admin/users", "/admin/users/1",
-                 "/admin/tiers/1", "/admin/prices", "/admin/aliases", "/admin/settings", "/admin/invites"):
+                 "/admin/tiers/1", "/admin/prices", "/admin/aliases", "/admin/settings", "/admin/settings/metrics-token",
+                 "/admin/invites"):
         assert client.post(path, data={"csrf_token": token}).status_code == 403
     assert "Admin</a>" not in client.get("/dashboard").text
 

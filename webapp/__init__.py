@@ -48,7 +48,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     migrate.init_app(app)
     cors.init_app(app)
 
-    from . import admin, api, auth, browser_worker, dashboard, history, retrieve, worker_api
+    from . import admin, api, auth, browser_worker, dashboard, history, metrics, retrieve, worker_api
 
     app.register_blueprint(api.bp)
     app.register_blueprint(retrieve.bp)
@@ -58,6 +58,7 @@ def create_app(test_config: Optional[dict[str, Any]] = None, instance_path: Opti
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(history.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(metrics.bp)
     # The API and the worker protocol authenticate with bearer tokens, never cookies,
     # so a cross-site form cannot ride on them: CSRF tokens are for the pages.
     csrf.exempt(api.bp)

@@ -8,7 +8,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from sqlalchemy import func, select, update
 
-from . import accounts, budget, cors, events, jobs, migrate, settings
+from . import accounts, budget, cors, events, jobs, metrics, migrate, settings
 from .db import db
 from .models import WINDOWS, Event, Invite, Job, ModelAlias, ModelPrice, Tier, User, Worker, utcnow
 from .workers import public_url, worker_state
@@ -270,7 +270,30 @@ def site_settings():
         events.record("settings_changed", current_user.email, "site settings changed", current_user.id)
         flash("The settings are saved.", "info")
         return redirect(url_for("admin.site_settings"))
-    return render_template("admin/settings.html", settings=settings.all_settings(), held=budget.in_use())
+    return _settings_page()
+
+
+def _settings_page(new_metrics_token: str = ""):
+    """Render the settings page, with a metrics token just made if there is one."""
+    return render_template("admin/settings.html", settings=settings.all_settings(), held=budget.in_use(),
+                           metrics_url=public_url("metrics.scrape"), new_metrics_token=new_metrics_token)
+
+
+@bp.post("/settings/metrics-token")
+@admin_required
+def metrics_token():
+    """Make a new token for Prometheus and show it this once, or revoke the one there is."""
+    if request.form.get("revoke") == "1":
+        metrics.revoke_token()
+        events.record("metrics_token_revoked", current_user.email, "metrics token revoked; /metrics is off",
+                      current_user.id)
+        flash("The metrics token is revoked: /metrics answers 404 until you make another.", "info")
+        return redirect(url_for("admin.site_settings"))
+    secret = metrics.create_token()
+    events.record("metrics_token_created", current_user.email, f"metrics token {secret[:12]} made, replacing any other",
+                  current_user.id)
+    # Rendered here rather than flashed: a flash travels in the session cookie, which is signed, not secret.
+    return _settings_page(new_metrics_token=secret)
 
 
 @bp.route("/upgrade", methods=["GET", "POST"])

@@ -1,4 +1,4 @@
-"""Flask CLI commands: migrate, create users, keys and worker tokens, reap, settings, run the demo."""
+"""Flask CLI commands: migrate, create users, keys and worker tokens, reap, settings, the metrics token, run the demo."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import click
 from flask.cli import with_appcontext
 from flask import Flask
 
-from . import accounts, events, maintenance, migrate, settings
+from . import accounts, events, maintenance, metrics, migrate, settings
 
 
 def _user_id(email: str) -> int:
@@ -111,9 +111,26 @@ def setting(name: str | None, value: str | None) -> None:
     click.echo(f"{name} = {json.dumps(parsed)}")
 
 
+@click.command("metrics-token")
+@with_appcontext
+@click.option("--revoke", is_flag=True, help="Forget the token instead: /metrics answers 404 until a new one is made.")
+def metrics_token(revoke: bool) -> None:
+    """Make the token Prometheus scrapes /metrics with, replacing any other; printed once, alone on the last line."""
+    if revoke:
+        metrics.revoke_token()
+        events.record("metrics_token_revoked", "command line", "metrics token revoked; /metrics is off")
+        click.echo("the metrics token is revoked; /metrics answers 404 until you make another")
+        return
+    secret = metrics.create_token()
+    # The prefix names the token in the log; the secret itself is never written anywhere.
+    events.record("metrics_token_created", "command line", f"metrics token {secret[:12]} made, replacing any other")
+    click.echo("metrics token (shown once, store it now; send it as 'Authorization: Bearer ...'):")
+    click.echo(secret)
+
+
 def init_app(app: Flask) -> None:
     """Register the commands on the app."""
     from .demo import demo
 
-    for command in (db_upgrade, create_user, create_key, create_worker_token, reap, setting, demo):
+    for command in (db_upgrade, create_user, create_key, create_worker_token, reap, setting, metrics_token, demo):
         app.cli.add_command(command)

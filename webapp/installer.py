@@ -36,7 +36,8 @@ IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 # for any file this account can read: refused wherever a database URL comes from.
 FILE_READING_OPTIONS = ("local_infile", "allow_local_infile", "client_flag")
 # What the app imports, by import name; a missing one means pip install did not run.
-PACKAGES = ("flask", "flask_login", "flask_wtf", "sqlalchemy", "pymysql", "alembic", "requests", "tiktoken")
+PACKAGES = ("flask", "flask_login", "flask_wtf", "sqlalchemy", "pymysql", "alembic", "requests", "tiktoken",
+            "prometheus_client")
 # A request body may be MAX_CONTENT_LENGTH (4 MiB) and travels in one packet, escaped.
 MIN_PACKET = 8 * 1024 * 1024
 # The pool recycles connections after DB_POOL_RECYCLE (280 s); a shorter wait_timeout

@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "max_answer_mb": 16,
     # Web pages whose scripts may call /v1/* (see cors.py); none until an administrator says.
     "cors_origins": [],
+    # The token Prometheus scrapes /metrics with: its SHA-256, a prefix to recognise it by,
+    # and when it was made; empty, /metrics is off (see metrics.py).
+    "metrics_token": {},
 }
 # Other processes pick up a change within this many seconds; the changing one at once.
 CACHE_SECONDS = 5.0

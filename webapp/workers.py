@@ -2,7 +2,7 @@
 
 One rule decides whether a worker serves requests: not revoked, seen within
 MODEL_LIVE_WINDOW, and not in a NOT_READY state. `live_models` applies it in SQL for the
-API; `worker_state` applies it in Python for the pages.
+API, metrics.py for its worker counts; `worker_state` applies it in Python for the pages.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def public_url(endpoint: str, **values: Any) -> str:
     return gateway_url() + path[len(request.script_root):]
 
 
-def _live_since() -> dt.datetime:
+def live_since() -> dt.datetime:
+    """Return the moment a worker must have been seen after to count as live."""
     return utcnow() - dt.timedelta(seconds=current_app.config["MODEL_LIVE_WINDOW"])
 
 
@@ -93,7 +94,7 @@ def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
         workers = s.scalars(
             select(Worker).where(
                 Worker.revoked_at.is_(None),
-                Worker.last_seen_at > _live_since(),
+                Worker.last_seen_at > live_since(),
                 Worker.status.notin_(NOT_READY),
                 (Worker.user_id == user_id) | Worker.shared,
             )
@@ -114,7 +115,7 @@ def worker_state(worker: Worker, running: int) -> str:
     """Describe a worker in a few words: revoked, offline, paused or needing a human (and why), busy (n), online."""
     if worker.revoked_at is not None:
         return "revoked"
-    if worker.last_seen_at is None or worker.last_seen_at <= _live_since():
+    if worker.last_seen_at is None or worker.last_seen_at <= live_since():
         return "offline"
     if worker.status in NOT_READY:
         # A browser worker said why it is not claiming; the person who can act should read it.
