@@ -67,7 +67,7 @@ LOCATION = """\
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_read_timeout 120s;
+            proxy_read_timeout 620s;
 {extra}        }}
 """
 IGNORE_HEADER = "            proxy_ignore_headers X-Accel-Buffering;\n"
@@ -237,6 +237,16 @@ def test_plain_and_streamed_completions_through_nginx(gateway):
     assert reply.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed through nginx"
     assert gateway.job(reply.id).state == gateway.job(chunks[0].id).state == "completed"
+
+
+@bounded(60)
+def test_a_body_over_nginxs_default_cap_reaches_the_app(gateway):
+    # 3 MiB: over nginx's default client_max_body_size (1m), within the app's own 4 MiB.
+    body = json.dumps({"model": "echo", "messages": "x" * (3 << 20)})
+    r = requests.post(f"{gateway.url}/v1/chat/completions", data=body, timeout=30,
+                      headers={"Authorization": f"Bearer {gateway.account.key}", "Content-Type": "application/json"})
+    # The app read it and refused it on its merits, with its own error, not nginx's 413 page.
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text[:300]
 
 
 @bounded(60)
