@@ -180,7 +180,8 @@ def spaced_words(reader_of: dict, sent: list[float], lockstep: bool):
             sent.append(time.monotonic())
             worker.report(job, [{"content": f"w{i} "}])
             if lockstep:
-                reader_of["reader"].wait_until(lambda r: len(r.contents()) > i, PATIENCE, f"word {i} through nginx")
+                reader_of["reader"].wait_until(lambda r, seen=i + 1: len(r.contents()) >= seen, PATIENCE,
+                                               f"word {i} through nginx")
             time.sleep(GAP)
         sent.append(time.monotonic())
         worker.report(job, finish={"reason": "stop"})
