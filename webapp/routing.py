@@ -8,16 +8,20 @@ claim (jobs.claim_jobs) checks both. docs/worker-protocol.md, "Provider matching
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 from urllib.parse import quote
 
 from flask import Response, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import workers
 from .db import db
 from .errors import ApiError
 from .models import Job, Worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,13 @@ def served_headers(job: Job) -> dict[str, str]:
     """Return the x-pollgate-provider and x-pollgate-worker headers naming the worker that took the job."""
     if job.worker_id is None:
         return {}
-    with db.read() as s:
-        worker = s.get(Worker, job.worker_id)
+    try:
+        with db.read() as s:
+            worker = s.get(Worker, job.worker_id)
+    except SQLAlchemyError:
+        # Only informative: a database blip must not turn an answer already made into an error.
+        log.warning("job %s: could not read its worker for the x-pollgate headers", job.id, exc_info=True)
+        return {}
     if worker is None:
         return {}
     headers = {"x-pollgate-worker": _header(worker.name)}
