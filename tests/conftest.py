@@ -116,7 +116,7 @@ def mariadb() -> Iterator[MariaDB]:
 
 # Modules whose tests run on MariaDB twice: on the SKIP LOCKED claim path and on the
 # compare-and-swap one most shared hosts get (MariaDB < 10.6, MySQL 5.7).
-BOTH_CLAIM_PATHS = {"test_api", "test_queue"}
+BOTH_CLAIM_PATHS = {"test_api", "test_queue", "test_routing"}
 BACKENDS = ["sqlite", "mariadb"]
 # For tests of input that is refused before it reaches the queue: the refusal is the same
 # code on every backend, so one backend tells as much as three.

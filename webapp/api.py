@@ -11,14 +11,13 @@ from typing import Any, Callable, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 
-from . import budget, events, jobs, limits, relay, settings, token_count, usage
+from . import budget, events, jobs, limits, relay, routing, settings, token_count, usage
 from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, status_object, usage_event
 from .errors import ApiError, ClientGone, json_body
 from .models import TERMINAL, Chunk, Job, epoch, utcnow
 from .relay import Reader
 from .validation import validate_chat, validate_image
-from .workers import live_models
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -33,7 +32,7 @@ def model_object(model_id: str, created: int) -> dict[str, Any]:
 def list_models():
     """List the models that live workers advertise to this key's user."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    models = live_models(key.user_id, "any")
+    models = routing.live_models(key.user_id, "any", routing.from_request(key.user_id))
     return jsonify({"object": "list", "data": [model_object(m, c) for m, c in sorted(models.items())]})
 
 
@@ -41,7 +40,7 @@ def list_models():
 def get_model(model_id: str):
     """Describe one live model, or 404."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    models = live_models(key.user_id, "any")
+    models = routing.live_models(key.user_id, "any", routing.from_request(key.user_id))
     if model_id not in models:
         raise not_found(model_id)
     return jsonify(model_object(model_id, models[model_id]))
@@ -57,20 +56,20 @@ def not_found(model: str) -> ApiError:
     )
 
 
-def resolve_model(key, asked: str, kind: str = "chat") -> str:
+def resolve_model(key, asked: str, kind: str = "chat", route: routing.Route = routing.AUTO) -> str:
     """Return the advertised model behind the name a caller asked for, or raise 403 / 404."""
     # Workers see the model they advertise; the answer names it too, as OpenAI's answers
     # name the dated model behind an alias.
     model = settings.aliases().get(asked, asked)
     if key.allowed_models is not None and not {asked, model} & set(key.allowed_models):
         raise ApiError(403, f"This API key may not use the model '{asked}'.", code="model_not_allowed", param="model")
-    if model not in live_models(key.user_id, kind):
+    if model not in routing.live_models(key.user_id, kind, route):
         raise not_found(asked)
     return model
 
 
 def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
-              kind: str = "chat", reader: bool = True) -> Job:
+              kind: str = "chat", reader: bool = True, route: routing.Route = routing.AUTO) -> Job:
     """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer.
 
     Without `reader` the job is a background one: it runs whether anybody reads it or not.
@@ -84,7 +83,8 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
 
     try:
         job, states = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit,
-                                      reader=reader, record=record)
+                                      reader=reader, record=record, provider=route.provider,
+                                      pinned_worker_id=route.worker_id)
     except ApiError as err:
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)
@@ -97,7 +97,7 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
 
 
 def start_request(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
-                  kind: str = "chat") -> Reader:
+                  kind: str = "chat", route: routing.Route = routing.AUTO) -> Reader:
     """Take a held-request slot, then queue the job; whoever gets the reader must call end_request.
 
     Each request holds a process (or thread) until it ends, so the slot is taken before
@@ -105,7 +105,7 @@ def start_request(key, model: str, worker_request: dict[str, Any], stream: bool,
     """
     hold = budget.acquire_or_refuse("streams", current_app.config["HOLD_TTL"], key.user_id)
     try:
-        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind)
+        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind, route)
     except BaseException:
         budget.release(hold)
         raise
@@ -171,17 +171,18 @@ def chat_completions():
     """Queue a chat request for a worker and relay its answer."""
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage, background = validate_chat(json_body())
-    model = worker_request["model"] = resolve_model(key, worker_request["model"])
+    route = routing.from_request(key.user_id)
+    model = worker_request["model"] = resolve_model(key, worker_request["model"], route=route)
     prompt_tokens = token_count.count_prompt(worker_request["messages"])
     if background:
         # Answered at once, holding no process: the caller polls, streams or cancels it by id.
-        job = queue_job(key, model, worker_request, False, prompt_tokens, reader=False)
+        job = queue_job(key, model, worker_request, False, prompt_tokens, reader=False, route=route)
         return jsonify(status_object(job, [])), 202
-    reader = start_request(key, model, worker_request, stream, prompt_tokens)
+    reader = start_request(key, model, worker_request, stream, prompt_tokens, route=route)
     if stream:
         return stream_response(reader, include_usage)
     job, deltas = relay_plain(reader)
-    return jsonify(completion(job, deltas))
+    return routing.tag(jsonify(completion(job, deltas)), job)
 
 
 @bp.post("/images/generations")
@@ -189,14 +190,15 @@ def generate_images():
     """Queue an image request for a worker and answer with its images, as OpenAI does."""
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request = validate_image(json_body())
-    model = worker_request["model"] = resolve_model(key, worker_request["model"], "image")
+    route = routing.from_request(key.user_id)
+    model = worker_request["model"] = resolve_model(key, worker_request["model"], "image", route)
     reader = start_request(key, model, worker_request, False, token_count.count_text(worker_request["prompt"]),
-                           kind="image")
+                           kind="image", route=route)
     job, deltas = relay_plain(reader)
     found = images(deltas, worker_request["n"])
     if not found:
         raise ApiError(502, "The worker finished without producing an image.", code="upstream_error")
-    return jsonify({"created": epoch(job.created_at), "data": found})
+    return routing.tag(jsonify({"created": epoch(job.created_at), "data": found}), job)
 
 
 def stream_response(reader: Reader, include_usage: bool) -> Response:
@@ -220,7 +222,9 @@ def event_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: 
     return Response(
         stream_with_context(sse_stream(reader, first, include_usage, after)),
         mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "x-request-id": first[0].public_id},
+        # Once a worker holds the job (wait_for_start waits for that, a resume may not): name it.
+        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "x-request-id": first[0].public_id,
+                 **routing.served_headers(first[0])},
     )
 
 

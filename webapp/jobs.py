@@ -38,6 +38,8 @@ def submit_job(
     admit: Optional[Callable[[Session, Job, dt.datetime], A]] = None,
     reader: bool = False,
     record: Optional[Callable[[Session, Job, dt.datetime], None]] = None,
+    provider: str = "",
+    pinned_worker_id: Optional[int] = None,
 ) -> tuple[Job, Optional[A]]:
     """Queue a job, wake the workers, and return the job with what `admit` returned.
 
@@ -48,14 +50,17 @@ def submit_job(
     before the commit and their locks are held for one round trip, not the whole unit.
     A deadlock runs the whole unit again. With `reader`, the submitting request relays the
     answer and must renew the job's reader expiry (relay.Reader), or the reaper cancels the job.
+    `provider` ("" for any) and `pinned_worker_id` limit which workers may claim it (webapp/routing.py).
     """
-    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record)
+    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record,
+                                provider, pinned_worker_id)
     wake.ring("jobs")
     return job, admitted
 
 
 @retrying
-def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record):
+def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record, provider,
+                pinned_worker_id):
     now = utcnow()
     job = Job(
         public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
@@ -70,6 +75,8 @@ def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, adm
         created_at=now,
         deadline_at=now + _seconds("JOB_TIMEOUT"),
         reader_expires_at=now + _seconds("HOLD_TTL") if reader else None,
+        provider=provider,
+        pinned_worker_id=pinned_worker_id,
     )
     admitted = None
     with db.begin() as s:
@@ -83,11 +90,20 @@ def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, adm
     return job, admitted
 
 
-def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], now: dt.datetime):
+def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], providers: Sequence[str],
+               now: dt.datetime):
     wanted = [and_(Job.kind == "chat", Job.model.in_(list(models)))] if models else []
     if image_models:
         wanted.append(and_(Job.kind == "image", Job.model.in_(list(image_models))))
-    query = select(Job.id).where(Job.state == "queued", or_(*wanted), Job.deadline_at > now)
+    query = select(Job.id).where(
+        Job.state == "queued",
+        or_(*wanted),
+        Job.deadline_at > now,
+        # Routing, checked on the rows ix_jobs_claim leads to: a job for a provider only goes
+        # to a worker answering to it ("" is any), a pinned job only to its worker.
+        Job.provider.in_(["", *providers]),
+        or_(Job.pinned_worker_id.is_(None), Job.pinned_worker_id == worker.id),
+    )
     if not worker.shared:
         # Least privilege: a worker sees only its owner's jobs unless an admin shared it.
         query = query.where(Job.user_id == worker.user_id)
@@ -105,10 +121,15 @@ def _lease_values(worker: Worker, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int, image_models: Sequence[str] = ()) -> list[Job]:
-    """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job."""
+def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int, image_models: Sequence[str] = (),
+               providers: Sequence[str] = ()) -> list[Job]:
+    """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job.
+
+    `providers` are the names the worker answers to (routing.provider_names): it gets jobs
+    for any provider and jobs for one of these.
+    """
     now = utcnow()
-    query = _claimable(worker, models, image_models, now)
+    query = _claimable(worker, models, image_models, providers, now)
     if db.uses_skip_locked():
         won = _claim_skip_locked(query, worker, max_jobs, now)
     else:

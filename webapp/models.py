@@ -227,6 +227,11 @@ class Job(Base):
     # The API request relaying this job renews this while it is alive (HOLD_RENEW); once it
     # lapses nobody will read the answer (the process died), so the reaper cancels the job.
     reader_expires_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
+    # Which workers may claim it (webapp/routing.py): those answering to this provider, "" for
+    # any; and, when set, only this one worker of the caller's. No foreign key: adding one
+    # rebuilds the table on SQLite, and a pin to a deleted worker just leaves the job unclaimed.
+    provider: Mapped[str] = mapped_column(String(191), default="", server_default="")
+    pinned_worker_id: Mapped[Optional[int]] = mapped_column(Integer)
 
     @property
     def request(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import budget, jobs, maintenance, wake, workers
+from . import budget, jobs, maintenance, routing, wake, workers
 from .accounts import authenticate_worker
 from .errors import json_body
 from .models import Job, utcnow
@@ -45,12 +45,14 @@ def claim():
     wake.ring(me)
     mine = wake.stamp(me)
     superseded = False
+    providers = routing.provider_names(ask["kind"], ask["site"])
     hold = None  # a slot of the held-request budget, taken only once the poll has to wait
     try:
         while True:
             since = wake.stamp("jobs")
             superseded = wake.stamp(me) != mine
-            claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"], ask["image_models"])
+            claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"], ask["image_models"],
+                                                             providers)
             left = end - time.monotonic()
             if claimed or superseded or left <= 0:
                 break

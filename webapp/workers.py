@@ -87,18 +87,27 @@ def mark_seen(worker: Worker) -> None:
             s.execute(update(Worker).where(Worker.id == worker.id).values(last_seen_at=now))
 
 
-def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
-    """Map each model of this kind ("chat", "image" or "any") that a live, ready worker visible
-    to this user advertises to when it was first seen."""
+def live_workers(user_id: int) -> list[Worker]:
+    """Return the live, ready workers this user's requests may go to: their own and the shared ones."""
     with db.read() as s:
-        workers = s.scalars(
+        return list(s.scalars(
             select(Worker).where(
                 Worker.revoked_at.is_(None),
                 Worker.last_seen_at > live_since(),
                 Worker.status.notin_(NOT_READY),
                 (Worker.user_id == user_id) | Worker.shared,
             )
-        ).all()
+        ).all())
+
+
+def live_models(user_id: int, kind: str = "chat") -> dict[str, int]:
+    """Map each model of this kind ("chat", "image" or "any") that a live, ready worker visible
+    to this user advertises to when it was first seen."""
+    return offered_models(live_workers(user_id), kind)
+
+
+def offered_models(workers: Sequence[Worker], kind: str = "chat") -> dict[str, int]:
+    """Map each model of this kind that these workers advertise, and each alias of one, to when it was first seen."""
     models: dict[str, int] = {}
     for worker in workers:
         offered = {"chat": worker.models, "image": worker.image_models}.get(kind, worker.models + worker.image_models)
