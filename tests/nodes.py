@@ -31,8 +31,10 @@ from webapp.db import db
 from webapp.models import Job
 
 # Fault timings: a lost worker, reader or database shows within seconds, not minutes.
+# A hung-up stream's job is cancelled at once (RESUME_GRACE 0): these tests check the
+# cancellation; test_nodes resumes a stream on another node within a grace.
 FAST = {"LEASE_TTL": 2, "HOLD_TTL": 3, "HOLD_RENEW": 0.5, "REAP_INTERVAL": 0.2, "DISPATCH_TIMEOUT": 3,
-        "HEARTBEAT_INTERVAL": 2, "WAKE_RECHECK": 0.5, "CLAIM_WAIT_MAX": 5}
+        "HEARTBEAT_INTERVAL": 2, "WAKE_RECHECK": 0.5, "CLAIM_WAIT_MAX": 5, "RESUME_GRACE": 0}
 
 
 def bounded(seconds: float) -> Callable:

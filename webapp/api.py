@@ -241,11 +241,13 @@ def sse_stream(reader: Reader, first: tuple[Job, list[Chunk]], include_usage: bo
     ended = False
     last = after
     try:
+        # Something goes out at once: Passenger sends no headers before the first bytes.
+        # Inside the try: a client already gone fails this very first write.
         if after < 0:
-            # The role chunk goes out at once: Passenger sends no headers before the first
-            # bytes. Inside the try: a client already gone fails this very first write.
             last = 0
             yield sse(chunk_event(job, {"role": "assistant", "content": ""}), last)
+        else:
+            yield ": resumed\n"
         for kind, payload in relay.follow(reader, first, seq):
             if kind == "chunks":
                 for chunk in payload:
