@@ -89,3 +89,36 @@ def test_admin_edits_a_tier_and_cancels_a_job(page, app, live):
     with app.app_context(), db.read() as s:
         assert s.scalar(select(Tier.requests_per_minute).where(Tier.name == "premium")) == 42
         assert s.get(Job, job.id).state == "cancelled"
+
+
+def test_a_running_request_grows_live_on_its_page_and_its_owner_cancels_it(page, app, live, account):
+    from sqlalchemy import select
+
+    from protocol import ProtoWorker
+    from support import wait_for
+    from webapp.db import db
+    from webapp.models import Usage
+
+    worker = ProtoWorker(live.url, account.token)
+    worker.claim(wait=0)  # advertises echo
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=account.key, max_retries=0)
+    queued = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "go on"}],
+                                            extra_body={"background": True})
+    job = wait_for(lambda: worker.claim(wait=0), 30, "the job")[0]
+    worker.report(job, [{"content": "first "}])
+    with app.app_context(), db.read() as s:
+        usage_id = s.scalar(select(Usage.id).where(Usage.request_id == queued.id))
+    page.goto("/login")
+    page.fill("input[name=email]", account.email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.goto(f"/requests/{usage_id}")
+    expect(page.locator("#live-answer")).to_have_text("first ")
+    expect(page.locator("#status")).to_have_text("running")
+    worker.report(job, [{"content": "second"}])
+    expect(page.locator("#live-answer")).to_have_text("first second")  # without a reload
+    page.locator("button", has_text="Cancel it").click()
+    expect(page.locator(".flash")).to_contain_text("The request is cancelled")
+    expect(page.locator("#status")).to_contain_text("cancelled")
+    assert worker.report(job, [{"content": " third"}])["reason"] == "cancelled"
+    assert client.chat.completions.retrieve(queued.id).status == "cancelled"

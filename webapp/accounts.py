@@ -147,13 +147,14 @@ def _check_room(s: Session, user_id: int, column, revoked, cap: int, what: str) 
         raise TooMany(f"you already have {held} {what}, the most this site allows; revoke one you no longer use")
 
 
-def create_api_key(user_id: int, name: str = "") -> str:
+def create_api_key(user_id: int, name: str = "", tavern: bool = False) -> str:
     """Create an API key and return its secret, which is never stored or shown again."""
     secret = new_secret(API_KEY_PREFIX)
     cap = settings.get("max_api_keys_per_user")
     with db.begin() as s:
         _check_room(s, user_id, ApiKey.user_id, ApiKey.revoked_at, cap, "API keys")
-        s.add(ApiKey(user_id=user_id, name=name[:100], prefix=secret[:12], key_hash=hash_secret(secret)))
+        s.add(ApiKey(user_id=user_id, name=name[:100], prefix=secret[:12], key_hash=hash_secret(secret),
+                     tavern=tavern))
     return secret
 
 

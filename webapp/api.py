@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 
-from . import budget, events, jobs, limits, relay, routing, settings, token_count, usage
+from . import budget, events, jobs, limits, relay, routing, settings, tavern, token_count, usage
 from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, status_object, usage_event
 from .errors import ApiError, ClientGone, json_body
@@ -171,6 +171,8 @@ def chat_completions():
     """Queue a chat request for a worker and relay its answer."""
     key = authenticate_api_key(request.headers.get("Authorization"))
     worker_request, stream, include_usage, background = validate_chat(json_body())
+    if tavern.wanted(key):
+        worker_request["messages"] = tavern.merge_system(worker_request["messages"])
     route = routing.from_request(key.user_id)
     model = worker_request["model"] = resolve_model(key, worker_request["model"], route=route)
     prompt_tokens = token_count.count_prompt(worker_request["messages"])

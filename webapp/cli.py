@@ -47,10 +47,12 @@ def create_user(email: str, password: str, admin: bool, tier: str | None) -> Non
 @with_appcontext
 @click.argument("email")
 @click.option("--name", default="", help="A label to recognise the key by.")
-def create_key(email: str, name: str) -> None:
+@click.option("--tavern", is_flag=True,
+              help="Tavern mode: merge each request's system messages into one leading system message.")
+def create_key(email: str, name: str, tavern: bool) -> None:
     """Create an API key; the secret is printed once, alone on the last line."""
     try:
-        secret = accounts.create_api_key(_user_id(email), name)
+        secret = accounts.create_api_key(_user_id(email), name, tavern)
     except accounts.TooMany as err:
         raise click.ClickException(str(err))
     click.echo(f"API key for {email} (shown once, store it now):")

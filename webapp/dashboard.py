@@ -101,7 +101,7 @@ def create_key():
         flash("Expiry must be a number of days from 1 to 3650, or empty for never.", "error")
         return render_template("keys.html", keys=user_keys(), secret=None), 400
     try:
-        secret = accounts.create_api_key(current_user.id, name)
+        secret = accounts.create_api_key(current_user.id, name, request.form.get("tavern") == "on")
     except accounts.TooMany as err:
         flash(f"No new key: {err}.", "error")
         return render_template("keys.html", keys=user_keys(), secret=None), 409
@@ -113,6 +113,20 @@ def create_key():
             )
         )
     return render_template("keys.html", keys=user_keys(), secret=secret, secret_name=name)
+
+
+@bp.post("/keys/<int:key_id>/tavern")
+@login_required
+def set_tavern(key_id: int):
+    """Turn a key's tavern mode on or off; another user's key is not found."""
+    on = request.form.get("tavern") == "on"
+    with db.begin() as s:
+        found = s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.user_id == current_user.id)
+                          .values(tavern=on)).rowcount
+    if not found:
+        abort(404)
+    flash(f"Tavern mode is {'on' if on else 'off'} for that key.", "info")
+    return redirect(url_for("dashboard.keys"))
 
 
 @bp.post("/keys/<int:key_id>/revoke")

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -122,6 +123,8 @@ class ApiKey(LimitColumns, Base):
     expires_at: Mapped[Optional[dt.datetime]] = mapped_column(Timestamp)
     # A JSON list of the model ids this key may use; None allows every model.
     allowed_models_json: Mapped[Optional[str]] = mapped_column(Text)
+    # Tavern mode: merge the system messages of this key's requests (see tavern.py).
+    tavern: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     user: Mapped[User] = relationship(lazy="joined")
 
