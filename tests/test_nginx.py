@@ -156,8 +156,10 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     db_url = f"sqlite:///{folder}/pollgate.db"
     app = make_app(db_url, str(folder / "setup"))
     try:
-        # A minute's hold, so only the request noticing its client gone can cancel a job in time.
-        with gunicorn_node(db_url, str(folder / "node"), HOLD_TTL=60.0) as node, \
+        # A minute's hold, so only the request noticing its client gone can cancel a job in
+        # time, and no resume grace: the hang-up test checks that the hang-up reaches the node
+        # (test_resume and test_nodes check the grace).
+        with gunicorn_node(db_url, str(folder / "node"), HOLD_TTL=60.0, RESUME_GRACE=0) as node, \
                 nginx_in_front(node.url.removeprefix("http://"), str(folder / "nginx")) as url:
             yield Gateway(app, make_account(app), url)
     finally:
@@ -270,7 +272,7 @@ def test_a_client_hanging_up_on_nginx_cancels_the_job(gateway):
                            json={"model": "echo", "stream": True,
                                  "messages": [{"role": "user", "content": "go on forever"}]}) as r:
             lines = r.iter_lines()
-            first = json.loads(next(line for line in lines if line)[len("data: "):])
+            first = json.loads(next(line for line in lines if line.startswith(b"data: "))[len("data: "):])
             for _ in range(3):
                 next(lines)
         # The connection to nginx is closed here; nginx closes its own to the node, and the

@@ -22,7 +22,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -124,7 +123,7 @@ class ApiKey(LimitColumns, Base):
     # A JSON list of the model ids this key may use; None allows every model.
     allowed_models_json: Mapped[Optional[str]] = mapped_column(Text)
     # Tavern mode: merge the system messages of this key's requests (see tavern.py).
-    tavern: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    tavern: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     user: Mapped[User] = relationship(lazy="joined")
 

@@ -19,7 +19,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('tavern', sa.Boolean(), server_default=sa.false(), nullable=False))
+        batch_op.add_column(sa.Column('tavern', sa.Boolean(), server_default='0', nullable=False))
 
 
 def downgrade() -> None:
