@@ -6,8 +6,7 @@ Every completion or image request goes one way: take a held-request slot, queue 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 
@@ -16,10 +15,9 @@ from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, status_object, usage_event
 from .errors import ApiError, ClientGone, json_body
 from .models import TERMINAL, Chunk, Job, epoch, utcnow
-from .relay import Reader
+from .relay import Reader, end_request
 from .validation import validate_chat, validate_image
 
-log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
@@ -110,41 +108,6 @@ def start_request(key, model: str, worker_request: dict[str, Any], stream: bool,
         budget.release(hold)
         raise
     return Reader.for_request(job.id, hold)
-
-
-def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None,
-                grace: float = 0.0) -> None:
-    """End an API request the one way: stop its job unless it ended, settle its usage, give its slot back.
-
-    Pass `deltas` when the request relayed every chunk of the ended job, and `grace` when
-    its client could come back for the rest: a stream's job then runs on that long for a
-    resume before the reaper cancels it. Each step stands alone: if the database is
-    unreachable now, the job's reader expiry lapses and the reaper cancels and settles it
-    within HOLD_TTL.
-    """
-    reader.close()
-    if ended or reader.detached:
-        pass  # a background job runs on without its readers
-    elif grace > 0:
-        _contained(reader, "keep", lambda: jobs.await_resume(reader.job_id, grace))
-    else:
-        # The caller will never read this job's answer: do not let a worker go on producing it.
-        _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
-    # Settling gives the shared slot back in settlement's transaction; if that fails, the slot goes alone.
-    if _contained(reader, "settle", lambda: usage.settle(reader.job_id, deltas if ended else None, hold=reader.hold)):
-        budget.release_local()
-    else:
-        _contained(reader, "release", lambda: budget.release(reader.hold))
-
-
-def _contained(reader: Reader, name: str, step: Callable[[], Any]) -> bool:
-    """Run one step of ending a request; log a failure instead of raising it, and tell whether it ran."""
-    try:
-        step()
-        return True
-    except Exception:
-        log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
-        return False
 
 
 def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
