@@ -11,7 +11,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from conftest import VALIDATION_ONLY, read_until_error
+from conftest import VALIDATION_ONLY, csrf, read_until_error
 from protocol import ProtoWorker, WorkerThread
 from support import wait_for
 from test_limits import give_tier
@@ -239,3 +239,21 @@ def test_the_request_holds_one_slot_and_gives_it_back_once(app, account, live):
             assert s.scalar(select(func.count()).select_from(Usage).where(Usage.settled.is_(True))) == 7
     finally:
         budget.release_local()
+
+
+@VALIDATION_ONLY
+def test_the_admin_sets_the_cap_on_choices(app, admin, account, live):
+    client_, _ = admin
+    page = client_.get("/admin/settings")
+    assert 'name="max_choices" value="8"' in page.text
+    r = client_.post("/admin/settings", data={"csrf_token": csrf(page), "max_choices": "2"})
+    assert r.status_code == 302
+    refused = client_.post("/admin/settings", data={"csrf_token": csrf(client_.get("/admin/settings")),
+                                                    "max_choices": "0"}, follow_redirects=True)
+    assert "Choices per chat request must be a whole number from 1 to 128" in refused.text
+    with app.app_context():
+        settings.forget()
+        assert settings.get("max_choices") == 2
+    with pytest.raises(openai.BadRequestError) as err:
+        client(live, account.key).chat.completions.create(model="echo", messages=PROMPT, n=3)
+    assert err.value.param == "n"
