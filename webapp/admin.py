@@ -241,6 +241,7 @@ NUMBERS = (
     ("max_worker_tokens_per_user", 0, 10_000,
      "Worker tokens per user must be a whole number from 0 (no cap) to 10000."),
     ("max_answer_mb", 1, 1024, "The answer size cap must be a whole number of megabytes from 1 to 1024."),
+    ("max_choices", 1, 128, "Choices per chat request must be a whole number from 1 to 128."),
 )
 
 

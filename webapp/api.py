@@ -1,25 +1,24 @@
 """The OpenAI-compatible API: chat completions (plain and streamed), images, models and usage.
 
 Every completion or image request goes one way: take a held-request slot, queue the job
-(admitted against the caller's limits), relay its answer, then `end_request`.
+(admitted against the caller's limits), relay its answer, then `end_request`. A chat
+request for n choices takes one slot for n jobs, relayed in turn by choices.py.
 """
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, after_this_request, current_app, jsonify, request, stream_with_context
 
-from . import budget, events, jobs, limits, relay, routing, settings, tavern, token_count, usage
+from . import budget, choices, events, jobs, limits, relay, routing, settings, tavern, token_count, usage
 from .accounts import authenticate_api_key
 from .completions import chunk_event, completion, images, sse, status_object, usage_event
 from .errors import ApiError, ClientGone, json_body
 from .models import TERMINAL, Chunk, Job, epoch, utcnow
-from .relay import Reader
+from .relay import Reader, end_request
 from .validation import validate_chat, validate_image
 
-log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
@@ -68,11 +67,12 @@ def resolve_model(key, asked: str, kind: str = "chat", route: routing.Route = ro
     return model
 
 
-def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
-              kind: str = "chat", reader: bool = True, route: routing.Route = routing.AUTO) -> Job:
-    """Admit a job against the caller's limits, queue it with its usage row, and put the rate-limit headers on the answer.
+def queue_jobs(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
+               kind: str = "chat", reader: bool = True, route: routing.Route = routing.AUTO, n: int = 1) -> list[Job]:
+    """Admit n alike jobs against the caller's limits, all or none, queue them with their usage rows,
+    and put the rate-limit headers on the answer; return them.
 
-    Without `reader` the job is a background one: it runs whether anybody reads it or not.
+    Without `reader` the jobs are background ones: they run whether anybody reads them or not.
     """
 
     def admit(s, job, now) -> list[limits.WindowState]:
@@ -82,18 +82,18 @@ def queue_job(key, model: str, worker_request: dict[str, Any], stream: bool, pro
         usage.open_row(s, job, key.id, prompt_tokens, now)
 
     try:
-        job, states = jobs.submit_job(key.user_id, key.id, model, worker_request, stream, kind=kind, admit=admit,
-                                      reader=reader, record=record, provider=route.provider,
-                                      pinned_worker_id=route.worker_id)
+        queued, states = jobs.submit_jobs(n, key.user_id, key.id, model, worker_request, stream, kind=kind,
+                                          admit=admit, reader=reader, record=record, provider=route.provider,
+                                          pinned_worker_id=route.worker_id)
     except ApiError as err:
         # Logged after the refused transaction rolled back, so the log entry stays.
         events.record("rate_limited", key.user.email, err.message, key.user_id)
         raise
     # x-request-id names the completion, as OpenAI's does its request: the openai
     # packages expose it (`_request_id`), and support can find the job by it.
-    headers = {**limits.headers(states or []), "x-request-id": job.public_id}
+    headers = {**limits.headers(states or []), "x-request-id": queued[0].public_id}
     after_this_request(lambda response: add_headers(response, headers))
-    return job
+    return queued
 
 
 def start_request(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
@@ -103,48 +103,22 @@ def start_request(key, model: str, worker_request: dict[str, Any], stream: bool,
     Each request holds a process (or thread) until it ends, so the slot is taken before
     anything is queued and refused quickly when the gateway is full.
     """
+    return start_choices(key, model, worker_request, stream, prompt_tokens, kind, route)[0]
+
+
+def start_choices(key, model: str, worker_request: dict[str, Any], stream: bool, prompt_tokens: int,
+                  kind: str = "chat", route: routing.Route = routing.AUTO, n: int = 1) -> list[Reader]:
+    """Take one held-request slot, then queue n jobs, one per choice; return a reader for each, all to be ended.
+
+    The first reader holds the slot; the others hold None, so it is given back once.
+    """
     hold = budget.acquire_or_refuse("streams", current_app.config["HOLD_TTL"], key.user_id)
     try:
-        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind, route=route)
+        queued = queue_jobs(key, model, worker_request, stream, prompt_tokens, kind, route=route, n=n)
     except BaseException:
         budget.release(hold)
         raise
-    return Reader.for_request(job.id, hold)
-
-
-def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None,
-                grace: float = 0.0) -> None:
-    """End an API request the one way: stop its job unless it ended, settle its usage, give its slot back.
-
-    Pass `deltas` when the request relayed every chunk of the ended job, and `grace` when
-    its client could come back for the rest: a stream's job then runs on that long for a
-    resume before the reaper cancels it. Each step stands alone: if the database is
-    unreachable now, the job's reader expiry lapses and the reaper cancels and settles it
-    within HOLD_TTL.
-    """
-    reader.close()
-    if ended or reader.detached:
-        pass  # a background job runs on without its readers
-    elif grace > 0:
-        _contained(reader, "keep", lambda: jobs.await_resume(reader.job_id, grace))
-    else:
-        # The caller will never read this job's answer: do not let a worker go on producing it.
-        _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
-    # Settling gives the shared slot back in settlement's transaction; if that fails, the slot goes alone.
-    if _contained(reader, "settle", lambda: usage.settle(reader.job_id, deltas if ended else None, hold=reader.hold)):
-        budget.release_local()
-    else:
-        _contained(reader, "release", lambda: budget.release(reader.hold))
-
-
-def _contained(reader: Reader, name: str, step: Callable[[], Any]) -> bool:
-    """Run one step of ending a request; log a failure instead of raising it, and tell whether it ran."""
-    try:
-        step()
-        return True
-    except Exception:
-        log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
-        return False
+    return [Reader.for_request(job.id, hold if i == 0 else None) for i, job in enumerate(queued)]
 
 
 def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
@@ -170,7 +144,7 @@ def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
 def chat_completions():
     """Queue a chat request for a worker and relay its answer."""
     key = authenticate_api_key(request.headers.get("Authorization"))
-    worker_request, stream, include_usage, background = validate_chat(json_body())
+    worker_request, stream, include_usage, background, n = validate_chat(json_body())
     if tavern.wanted(key):
         worker_request["messages"] = tavern.merge_system(worker_request["messages"])
     route = routing.from_request(key.user_id)
@@ -178,8 +152,14 @@ def chat_completions():
     prompt_tokens = token_count.count_prompt(worker_request["messages"])
     if background:
         # Answered at once, holding no process: the caller polls, streams or cancels it by id.
-        job = queue_job(key, model, worker_request, False, prompt_tokens, reader=False, route=route)
+        job = queue_jobs(key, model, worker_request, False, prompt_tokens, reader=False, route=route)[0]
         return jsonify(status_object(job, [])), 202
+    if n > 1:
+        readers = start_choices(key, model, worker_request, stream, prompt_tokens, route=route, n=n)
+        if stream:
+            return choices.stream_response(readers, include_usage)
+        answers = choices.relay_plain(readers)
+        return routing.tag(jsonify(choices.choices_completion(answers)), answers[0][0])
     reader = start_request(key, model, worker_request, stream, prompt_tokens, route=route)
     if stream:
         return stream_response(reader, include_usage)

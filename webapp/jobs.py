@@ -52,17 +52,32 @@ def submit_job(
     answer and must renew the job's reader expiry (relay.Reader), or the reaper cancels the job.
     `provider` ("" for any) and `pinned_worker_id` limit which workers may claim it (webapp/routing.py).
     """
-    job, admitted = _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record,
-                                provider, pinned_worker_id)
+    queued, admitted = _insert_jobs(user_id, api_key_id, model, request, stream, priority, kind, admit, reader,
+                                    record, provider, pinned_worker_id, 1)
     wake.ring("jobs")
-    return job, admitted
+    return queued[0], admitted
+
+
+def submit_jobs(n: int, user_id: int, api_key_id: Optional[int], model: str, request: dict[str, Any], stream: bool,
+                priority: int = 0, kind: str = "chat", admit=None, reader: bool = False, record=None,
+                provider: str = "", pinned_worker_id: Optional[int] = None) -> tuple[list[Job], Any]:
+    """Queue n alike jobs, all or none, as submit_job queues one; return them with what the last `admit` returned.
+
+    `admit` and `record` run for each job in turn, so each admission counts the jobs before
+    it: a limit with room for fewer than n refuses the lot, and nothing is queued.
+    """
+    queued, admitted = _insert_jobs(user_id, api_key_id, model, request, stream, priority, kind, admit, reader,
+                                    record, provider, pinned_worker_id, n)
+    wake.ring("jobs")
+    return queued, admitted
 
 
 @retrying
-def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record, provider,
-                pinned_worker_id):
+def _insert_jobs(user_id, api_key_id, model, request, stream, priority, kind, admit, reader, record, provider,
+                 pinned_worker_id, n):
     now = utcnow()
-    job = Job(
+    request_json = json.dumps(request, separators=(",", ":"))
+    queued = [Job(
         public_id=("chatcmpl-" if kind == "chat" else "job-") + secrets.token_urlsafe(18),
         kind=kind,
         user_id=user_id,
@@ -71,23 +86,27 @@ def _insert_job(user_id, api_key_id, model, request, stream, priority, kind, adm
         state="queued",
         priority=priority,
         stream=stream,
-        request_json=json.dumps(request, separators=(",", ":")),
+        request_json=request_json,
         created_at=now,
         deadline_at=now + _seconds("JOB_TIMEOUT"),
         reader_expires_at=now + _seconds("HOLD_TTL") if reader else None,
         provider=provider,
         pinned_worker_id=pinned_worker_id,
-    )
+    ) for _ in range(n)]
     admitted = None
     with db.begin() as s:
-        if admit is not None:
-            admitted = admit(s, job, now)
-        aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
-        job.rank = int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - job.priority * aging_ms
-        s.add(job)
-        if record is not None:
-            record(s, job, now)
-    return job, admitted
+        for job in queued:
+            # A second job's rows come after the first one's rate counters, against the lock
+            # order, harmlessly: its inserts lock only rows nobody else sees yet (READ COMMITTED
+            # takes no gap locks), and the user, key and counter rows it touches are ours already.
+            if admit is not None:
+                admitted = admit(s, job, now)
+            aging_ms = int(current_app.config["PRIORITY_AGING"] * 1000)
+            job.rank = int(now.replace(tzinfo=dt.timezone.utc).timestamp() * 1000) - job.priority * aging_ms
+            s.add(job)
+            if record is not None:
+                record(s, job, now)
+    return queued, admitted
 
 
 def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], providers: Sequence[str],

@@ -5,7 +5,8 @@ held-request slot and its job's reader expiry) every HOLD_RENEW seconds, so a re
 process dies is noticed within HOLD_TTL, and wakes it when its job moved on another node;
 a bell wakes it for news from this host. Between wake-ups a reader reads nothing. It rides
 out a database blip of up to DB_OUTAGE_GRACE seconds; and where the server shows it the
-client's socket, a reader notices a client that hung up.
+client's socket, a reader notices a client that hung up. `end_request` ends a reader, the
+one way every API request ends.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from flask import current_app, request
 
-from . import jobs, maintenance, wake
+from . import budget, jobs, maintenance, usage, wake
 from .db import is_unavailable
 from .errors import ApiError, ClientGone, database_unavailable
 from .models import TERMINAL, Chunk, Job, utcnow
@@ -30,17 +31,21 @@ Progress = tuple[str, Union[list[Chunk], Job, None]]
 
 @dataclass
 class Reader:
-    """The API request relaying one job: its job, its held-request slot, its client's socket and its tailer entry."""
+    """The API request relaying one job: its job, its held-request slot, its client's socket and its tailer entry.
+
+    A request with several choices has a reader per job; the first holds the request's slot,
+    the others hold None (not 0, which is a slot taken where there is no shared cap).
+    """
 
     job_id: int
-    hold: int
+    hold: Optional[int]
     sock: Any
     followed: Followed
     tailer: Tailer
     detached: bool = False  # the job is a background one: it runs on whether this request reads it or not
 
     @classmethod
-    def for_request(cls, job_id: int, hold: int, detached: bool = False) -> "Reader":
+    def for_request(cls, job_id: int, hold: Optional[int], detached: bool = False) -> "Reader":
         """Make the reader of the current request; the tailer looks after it until `close`."""
         env = request.environ
         sock = env.get("gunicorn.socket") or env.get("werkzeug.socket")
@@ -72,6 +77,42 @@ class Reader:
             return isinstance(err, (ConnectionResetError, BrokenPipeError))
         finally:
             self.sock.settimeout(timeout)
+
+
+def end_request(reader: Reader, ended: bool, deltas: Optional[list[dict[str, Any]]] = None,
+                grace: float = 0.0) -> None:
+    """End an API request the one way: stop its job unless it ended, settle its usage, give its slot back.
+
+    Pass `deltas` when the request relayed every chunk of the ended job, and `grace` when
+    its client could come back for the rest: a stream's job then runs on that long for a
+    resume before the reaper cancels it. Each step stands alone: if the database is
+    unreachable now, the job's reader expiry lapses and the reaper cancels and settles it
+    within HOLD_TTL.
+    """
+    reader.close()
+    if ended or reader.detached:
+        pass  # a background job runs on without its readers
+    elif grace > 0:
+        _contained(reader, "keep", lambda: jobs.await_resume(reader.job_id, grace))
+    else:
+        # The caller will never read this job's answer: do not let a worker go on producing it.
+        _contained(reader, "cancel", lambda: jobs.cancel_job(reader.job_id, "client_gone", "The client went away."))
+    # Settling gives the shared slot back in settlement's transaction; if that fails, the slot goes alone.
+    if _contained(reader, "settle", lambda: usage.settle(reader.job_id, deltas if ended else None, hold=reader.hold)):
+        if reader.hold is not None:  # None: another reader of the request holds its slot
+            budget.release_local()
+    else:
+        _contained(reader, "release", lambda: budget.release(reader.hold))
+
+
+def _contained(reader: Reader, name: str, step: Callable[[], Any]) -> bool:
+    """Run one step of ending a request; log a failure instead of raising it, and tell whether it ran."""
+    try:
+        step()
+        return True
+    except Exception:
+        log.warning("job %s: could not %s now; the reaper will", reader.job_id, name, exc_info=True)
+        return False
 
 
 def read(reader: Reader, from_seq: int) -> tuple[Job, list[Chunk]]:

@@ -12,11 +12,11 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import budget, jobs, relay
 from .accounts import authenticate_api_key
-from .api import end_request, event_stream
+from .api import event_stream
 from .completions import status_object
 from .errors import ApiError
 from .models import TERMINAL, Job
-from .relay import Reader
+from .relay import Reader, end_request
 
 bp = Blueprint("retrieve", __name__, url_prefix="/v1")
 

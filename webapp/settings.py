@@ -27,6 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "max_api_keys_per_user": 25,
     "max_worker_tokens_per_user": 25,
     "max_answer_mb": 16,
+    # The most choices (`n`) one chat request may ask for: each is a job and a request
+    # against the rate limits, all held by one process until the last is relayed.
+    "max_choices": 8,
     # Web pages whose scripts may call /v1/* (see cors.py); none until an administrator says.
     "cors_origins": [],
     # The token Prometheus scrapes /metrics with: its SHA-256, a prefix to recognise it by,

@@ -32,7 +32,7 @@ class Followed:
     """What one open request last read of its job, and the event the tailer sets when that changed."""
 
     job_id: int
-    hold: int
+    hold: Optional[int]  # None: the request's slot is another entry's
     seen: Optional[tuple[int, str]] = None
     news: threading.Event = field(default_factory=threading.Event)
 
@@ -52,7 +52,7 @@ class Tailer:
         self.followed: weakref.WeakSet[Followed] = weakref.WeakSet()
         self.pid = 0  # the process whose thread runs; none after a fork or once it stopped
 
-    def follow(self, job_id: int, hold: int) -> Followed:
+    def follow(self, job_id: int, hold: Optional[int]) -> Followed:
         """Start looking after a request; the caller keeps the returned Followed alive while it runs."""
         entry = Followed(job_id, hold)
         with self.lock:

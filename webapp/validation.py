@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from . import settings
 from .errors import ApiError
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -87,6 +88,7 @@ class ChatRequest(NamedTuple):
     stream: bool
     include_usage: bool
     background: bool
+    n: int  # how many choices: each one a job of its own
 
 
 def validate_chat(body: Any) -> ChatRequest:
@@ -110,13 +112,14 @@ def validate_chat(body: Any) -> ChatRequest:
     if background and stream:
         raise bad("A background request cannot stream; stream its answer with "
                   "GET /v1/chat/completions/{id}?stream=true.", "background")
+    n = _choices(body.get("n"), background)
     for name, value in body.items():
         if value is None or name in IGNORED:
             continue
         out_value = _param(name, value, body)
         if out_value is not None:
             out[name] = out_value
-    return ChatRequest(out, stream, include_usage, background)
+    return ChatRequest(out, stream, include_usage, background, n)
 
 
 def _flag(obj: dict, name: str, param: str | None = None) -> bool:
@@ -126,6 +129,16 @@ def _flag(obj: dict, name: str, param: str | None = None) -> bool:
     if not isinstance(value, bool):
         raise bad(f"{param or name} must be a boolean.", param or name, "invalid_type")
     return value
+
+
+def _choices(value: Any, background: bool) -> int:
+    """Return how many choices the request asks for, up to the site's max_choices."""
+    if value is None or value == 1 and not isinstance(value, bool):
+        return 1  # the common case reads no setting
+    n = check_int(value, "n", 1, settings.get("max_choices"))
+    if background:
+        raise bad("A background request answers with one choice: n must be 1.", "n")
+    return n
 
 
 def _param(name: str, value: Any, body: dict) -> Any:
@@ -139,9 +152,7 @@ def _param(name: str, value: Any, body: dict) -> Any:
     if name == "seed":
         return check_int(value, name, -INT64_MAX - 1, INT64_MAX)
     if name == "n":
-        if value != 1 or isinstance(value, bool):
-            raise bad("Only n=1 is supported: each request is served by one worker.", name)
-        return None
+        return None  # checked by _choices: each choice is a job of its own, asked for one answer
     if name == "stop":
         return _stop(value)
     if name in OPAQUE:
