@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import current_app
 
-from . import jobs
+from . import features, jobs
 from .errors import ApiError
 from .models import NOT_READY
 from .validation import INT32_MAX, bad, check_int, check_str
@@ -27,6 +27,8 @@ MAX_STATUS_MESSAGE = 255  # longer is cut: a person reads it, nothing parses it
 MAX_ERROR_MESSAGE = 2000  # longer is cut, likewise
 MAX_RELEASE = 256
 MAX_TOOL_INDEX = 127
+MAX_FEATURES = 16
+FEATURE_NAME = re.compile(r"[a-z0-9_.-]{1,32}")
 TEXT_FIELDS = ("content", "reasoning_content", "refusal")
 DELTA_FIELDS = (*TEXT_FIELDS, "tool_calls", "images")
 TOOL_CALL_FIELDS = ("index", "id", "type", "function")
@@ -96,6 +98,19 @@ def _optional_label(body: dict[str, Any], name: str, max_length: int) -> str:
     return "" if value is None else _label(value, name, max_length)
 
 
+def _features(body: dict[str, Any]) -> list[str]:
+    """Return the features the gateway knows from a claim's list; the list is checked whole."""
+    declared = body.get("features")
+    if declared is None:
+        return []
+    _list(declared, "features", MAX_FEATURES)
+    for i, name in enumerate(declared):
+        if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name):
+            raise bad(f"features[{i}] must be 1-32 characters of a-z 0-9 _ . -.", f"features[{i}]")
+    # A name this gateway does not know (a newer worker's) is no reason to refuse the claim.
+    return features.known(declared)
+
+
 def parse_claim(body: Any) -> dict[str, Any]:
     """Validate a claim request and return what the claim view needs."""
     _object(body, "body")
@@ -120,6 +135,7 @@ def parse_claim(body: Any) -> dict[str, Any]:
         "kind": _optional_label(body, "kind", MAX_SHORT),
         "version": _optional_label(body, "version", MAX_SHORT),
         "site": _optional_label(body, "site", MAX_ID),
+        "features": _features(body),
     }
 
 
