@@ -105,7 +105,7 @@ def start_request(key, model: str, worker_request: dict[str, Any], stream: bool,
     """
     hold = budget.acquire_or_refuse("streams", current_app.config["HOLD_TTL"], key.user_id)
     try:
-        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind, route)
+        job = queue_job(key, model, worker_request, stream, prompt_tokens, kind, route=route)
     except BaseException:
         budget.release(hold)
         raise
