@@ -60,13 +60,13 @@ def deltas_with_logprobs(top: int = 2) -> list[dict[str, Any]]:
     return [{"content": w, "logprobs": {"content": [token(w, -0.5 * i, top)]}} for i, w in enumerate(WORDS)]
 
 
-def serve(worker: ProtoWorker, deltas: list[dict[str, Any]], timeout: float = 10) -> dict:
-    """Claim the queued job with this worker and answer it with these deltas."""
+def serve(worker: ProtoWorker, deltas: list[dict[str, Any]], finish: bool = True, timeout: float = 10) -> dict:
+    """Claim the queued job with this worker and answer it with these deltas (and a finish)."""
     end = time.monotonic() + timeout
     while not (claimed := worker.claim(wait=0)):
         assert time.monotonic() < end, "the worker got no job"
         time.sleep(0.05)
-    worker.report(claimed[0], deltas, finish={"reason": "stop"})
+    worker.report(claimed[0], deltas, finish={"reason": "stop"} if finish else None)
     return claimed[0]
 
 
@@ -257,3 +257,34 @@ def test_a_logprob_that_is_not_finite_is_refused(app, account, live):
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "jobs[0].chunks[0].delta.logprobs.content[0].logprob"
     able.report(job, [], error={"code": "invalid_output", "message": "refused"})
+
+
+def test_a_route_narrows_the_workers_that_count(app, account, live):
+    new_worker(app, live, account.user_id, "plain")
+    able = new_worker(app, live, account.user_id, "able", ["logprobs"])
+    api = client(live, account.key)
+    # Pinned to the worker without the feature: another that has it does not help.
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="echo", messages=PROMPT, logprobs=True,
+                                    extra_headers={"X-Session-Name": "plain"})
+    assert (err.value.code, err.value.param) == ("unsupported_parameter", "logprobs")
+    answer = in_background(api.chat.completions.with_raw_response.create, model="echo", messages=PROMPT,
+                           logprobs=True, extra_headers={"X-Session-Name": "able"})
+    serve(able, deltas_with_logprobs())
+    raw = answer.result(timeout=30)
+    assert raw.headers["x-pollgate-worker"] == "able"
+    assert [t.token for t in raw.parse().choices[0].logprobs.content] == WORDS
+
+
+@VALIDATION_ONLY
+def test_a_background_answer_read_by_id_carries_its_logprobs(app, account, live):
+    able = new_worker(app, live, account.user_id, "able", ["logprobs"])
+    api = client(live, account.key)
+    queued = api.chat.completions.create(model="echo", messages=PROMPT, logprobs=True,
+                                         extra_body={"background": True})
+    job = serve(able, deltas_with_logprobs()[:2], finish=False)
+    partial = api.chat.completions.retrieve(queued.id)
+    assert [t.token for t in partial.choices[0].logprobs.content] == WORDS[:2]
+    able.report(job, deltas_with_logprobs()[2:], finish={"reason": "stop"})
+    done = api.chat.completions.retrieve(queued.id)
+    assert [t.token for t in done.choices[0].logprobs.content] == WORDS
