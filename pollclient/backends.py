@@ -7,7 +7,8 @@ A backend is a plain generator function `run(request, config, stop)`:
 - `stop` is a `StopSignal` the worker sets when the gateway says to stop the job.
 
 It yields `{"delta": {...}}` for each piece of output (any of `content`,
-`reasoning_content`, `refusal`, `tool_calls`) and ends with one
+`reasoning_content`, `refusal`, `tool_calls`, and `logprobs` from a backend that declares
+that feature in FEATURES) and ends with one
 `{"finish": {"reason": ..., "usage": {...}}}` (usage optional). It raises `BackendError`
 when the job fails, and simply returns, yielding nothing more, once `stop` is set.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import socket
 import threading
@@ -33,6 +35,8 @@ Events = Generator[Event, None, None]
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
 TEXT_FIELDS = ("content", "reasoning_content", "refusal")
 MAX_TOOL_INDEX = 127  # the gateway refuses a tool call's index above this
+MAX_TOP_LOGPROBS = 20  # ... and more alternatives per token than this
+MIN_LOGPROB = -9999.0  # what vLLM sends for a probability of zero; JSON has no -Infinity
 _CONTEXT_WORDS = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.I)
 
 
@@ -294,6 +298,9 @@ def _relay_stream(response: requests.Response, stop: StopSignal) -> Events:
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue  # one answer per job
                 delta = _clean_delta(choice.get("delta"), call_ids)
+                logprobs = clean_logprobs(choice.get("logprobs"))
+                if logprobs:
+                    delta["logprobs"] = logprobs
                 if delta:
                     streamed = True
                     yield {"delta": delta}
@@ -318,6 +325,9 @@ def _relay_whole(response: requests.Response) -> Events:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise BackendError("upstream_error", "the upstream answered JSON that is not a chat completion") from None
     delta = _clean_delta(message, {})
+    logprobs = clean_logprobs(choice.get("logprobs"))
+    if logprobs:
+        delta["logprobs"] = logprobs
     if delta:
         yield {"delta": delta}
     yield _finish(choice.get("finish_reason"), _usage(body.get("usage")))
@@ -372,6 +382,36 @@ def clean_tool_calls(items: list[Any], call_ids: dict[str, int]) -> list[dict[st
     return calls
 
 
+def clean_logprobs(logprobs: Any) -> dict[str, Any]:
+    """Rebuild a choice's log probabilities in the protocol's strict shape; {} when it has none."""
+    if not isinstance(logprobs, dict):
+        return {}
+    clean = {}
+    for name in ("content", "refusal"):
+        if isinstance(logprobs.get(name), list):
+            tokens = [t for t in map(_token_logprob, logprobs[name]) if t]
+            if tokens:
+                clean[name] = tokens
+    return clean
+
+
+def _token_logprob(item: Any, top: bool = False) -> dict[str, Any] | None:
+    """Keep a token's token, logprob, bytes and (but in an alternative) top_logprobs; drop the rest (llama.cpp's id)."""
+    if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+        return None
+    logprob = item.get("logprob")
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        return None
+    raw = item.get("bytes")
+    valid = isinstance(raw, list) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in raw)
+    token = {"token": item["token"], "logprob": logprob if math.isfinite(logprob) else MIN_LOGPROB,
+             "bytes": raw if valid else None}
+    if not top:
+        alternatives = item.get("top_logprobs") if isinstance(item.get("top_logprobs"), list) else []
+        token["top_logprobs"] = [t for t in (_token_logprob(a, top=True) for a in alternatives) if t][:MAX_TOP_LOGPROBS]
+    return token
+
+
 def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -397,4 +437,10 @@ def _finish(reason: Any, usage: dict[str, int] | None) -> Event:
 BACKENDS: dict[str, Callable[[dict[str, Any], BackendConfig, StopSignal], Events]] = {
     "echo": run_echo,
     "openai": run_openai,
+}
+# What each backend declares in its claims (docs/worker-protocol.md): the gateway gives a job
+# that asks for a feature (logprobs: true) only to a worker that declared it.
+FEATURES: dict[str, list[str]] = {
+    "echo": [],
+    "openai": ["logprobs"],  # the upstream answers it; the request's logprobs go to it as they came
 }

@@ -66,10 +66,12 @@ class Gateway:
         self.session.headers["User-Agent"] = f"pollgate-pollclient/{__version__}"
         self.lease_ttl = DEFAULT_LEASE_TTL  # the latest lease a claim answer named
 
-    def claim(self, models: list[str], max_jobs: int, capacity: int, wait: float) -> dict[str, Any]:
+    def claim(self, models: list[str], max_jobs: int, capacity: int, wait: float,
+              features: list[str] | None = None) -> dict[str, Any]:
         """Long-poll for up to max_jobs jobs; return the answer with its `worker` and `jobs`."""
         body = {
             "models": models,
+            "features": features or [],
             "max_jobs": max_jobs,
             "capacity": capacity,
             "wait": wait,

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from .backends import BACKENDS, BackendConfig, BackendError
+from .backends import BACKENDS, FEATURES, BackendConfig, BackendError
 from .gateway import Gateway, GatewayBusy, GatewayError, GatewayUnavailable, TokenRejected
 from .lease import lease_ttl
 from .reporter import Job, Reporter
@@ -198,7 +198,8 @@ class Worker:
         # the error) now rather than after a whole idle long-poll.
         wait = self.settings.poll_wait if self.claim_state == "connected" else 0
         try:
-            answer = self.gateway.claim(self.settings.models, min(free, MAX_JOBS_PER_CLAIM), self.capacity, wait)
+            answer = self.gateway.claim(self.settings.models, min(free, MAX_JOBS_PER_CLAIM), self.capacity, wait,
+                                        FEATURES[self.settings.backend])
         except TokenRejected as exc:
             self._fatal(f"the gateway refused the worker token: {exc}")
             return None

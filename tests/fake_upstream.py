@@ -18,6 +18,9 @@ The model name picks the behaviour:
     fake-close        streams without chunked encoding; the body ends when the connection closes
     anything else     404 model_not_found
 
+With `"logprobs": true`, fake-chat and fake-json give each content piece its log probability
+(LOGPROB), with `top_logprobs` alternatives, and an `id` per token as llama.cpp does.
+
 Every request is recorded in `.requests`; a stream the client closed before its end is
 recorded in `.closed_early` (by model name).
 """
@@ -46,6 +49,7 @@ LOOSE_TOOL_CALLS = [
 # in place of LOOSE_TOOL_CALLS to make the gateway refuse a report.
 LONG_ID_TOOL_CALLS = [[{"index": 0, "id": "call_" + "x" * 200, "type": "function",
                         "function": {"name": "get_weather", "arguments": "{}"}}]]
+LOGPROB = -0.25  # every piece's; its alternatives' are lower
 SLOW_PIECES = 100
 SLOW_DELAY = 0.1
 HANG = 5.0
@@ -155,9 +159,10 @@ class _Handler(BaseHTTPRequestHandler):
         if model not in MODELS:
             message = f"The model `{model}` does not exist"
             return self._error(404, {"message": message, "type": "invalid_request_error", "code": "model_not_found"})
+        top = (body.get("top_logprobs") or 0) if body.get("logprobs") is True else None
         if not body.get("stream") or model == "fake-json":
-            return self._json(200, _completion(model))
-        self._stream(model, bool((body.get("stream_options") or {}).get("include_usage")))
+            return self._json(200, _completion(model, top))
+        self._stream(model, bool((body.get("stream_options") or {}).get("include_usage")), top)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -185,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, error: dict[str, Any]) -> None:
         self._json(status, {"error": {"param": None, **error}})
 
-    def _stream(self, model: str, include_usage: bool) -> None:
+    def _stream(self, model: str, include_usage: bool, top: int | None = None) -> None:
         chunked = model != "fake-close"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -197,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         try:
-            for i, event in enumerate(_events(model, include_usage)):
+            for i, event in enumerate(_events(model, include_usage, top)):
                 if event is None:  # fake-drop: vanish mid-stream
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -224,14 +229,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+def _chunk(model: str, delta: dict[str, Any], finish_reason: str | None = None, top: int | None = None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    if top is not None:
+        choice["logprobs"] = token_logprobs([delta["content"]], top) if delta.get("content") else None
     return json.dumps({
         "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "choices": [choice],
     })
 
 
-def _events(model: str, include_usage: bool) -> list[str | None]:
+def token_logprobs(pieces: list[str], top: int) -> dict[str, Any]:
+    """Return OpenAI's choice.logprobs for these pieces, with llama.cpp's extra `id` on each token."""
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"id": 7, "token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**token(p, LOGPROB), "top_logprobs": [token(f"alt{k}", LOGPROB - 1 - k) for k in range(top)]}
+                        for p in pieces], "refusal": None}
+
+
+def _events(model: str, include_usage: bool, top: int | None = None) -> list[str | None]:
     """Return the data of each SSE event for model; None marks a dropped connection."""
     events: list[str | None] = [_chunk(model, {"role": "assistant", "content": ""})]
     finish = "stop"
@@ -248,7 +265,7 @@ def _events(model: str, include_usage: bool) -> list[str | None]:
     elif model == "fake-slow":
         events += [_chunk(model, {"content": f"w{i} "}) for i in range(SLOW_PIECES)]
     else:
-        events += [_chunk(model, {"content": w}) for w in words(ANSWER)]
+        events += [_chunk(model, {"content": w}, top=top) for w in words(ANSWER)]
     if model == "fake-drop":
         return events[:3] + [None]
     if model == "fake-error-event":
@@ -262,9 +279,12 @@ def _events(model: str, include_usage: bool) -> list[str | None]:
     return events
 
 
-def _completion(model: str) -> dict[str, Any]:
+def _completion(model: str, top: int | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}
+    if top is not None:
+        choice["logprobs"] = token_logprobs(words(ANSWER), top)
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+        "choices": [choice],
         "usage": {"prompt_tokens": 7, "completion_tokens": 8, "total_tokens": 15},
     }

@@ -14,10 +14,12 @@ import requests
 class ProtoWorker:
     """Speak the worker protocol with requests: claim, report, release."""
 
-    def __init__(self, base: str, token: str, models=("echo",), kind: str = "test", site: str = "") -> None:
+    def __init__(self, base: str, token: str, models=("echo",), kind: str = "test", site: str = "",
+                 features: Optional[list[str]] = None) -> None:
         self.base = base
         self.models = list(models)
         self.kind, self.site = kind, site
+        self.features = features  # sent in each claim when given
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -27,8 +29,11 @@ class ProtoWorker:
 
     def claim(self, max_jobs: int = 1, wait: float = 0, models: Optional[list[str]] = None) -> list[dict]:
         """Claim jobs; return them with a local seq counter."""
-        r = self.post("claim", {"models": models or self.models, "max_jobs": max_jobs, "wait": wait,
-                                "kind": self.kind, "version": "1", "site": self.site}, timeout=wait + 30)
+        body = {"models": models or self.models, "max_jobs": max_jobs, "wait": wait, "kind": self.kind, "version": "1",
+                "site": self.site}
+        if self.features is not None:
+            body["features"] = self.features
+        r = self.post("claim", body, timeout=wait + 30)
         r.raise_for_status()
         jobs = r.json()["jobs"]
         for job in jobs:

@@ -284,7 +284,7 @@ BAD_BODIES = [
     ({"model": "echo", "messages": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "echo", "messages": PROMPT, "stream": "yes"}, "stream"),
     ({"model": "echo", "messages": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"model": "echo", "messages": PROMPT, "logprobs": True}, "logprobs"),
+    ({"model": "echo", "messages": PROMPT, "top_logprobs": 2}, "top_logprobs"),
     ({"model": "echo", "messages": PROMPT, "tools": "all"}, "tools"),
     ({"model": "echo", "messages": PROMPT, "frobnicate": 1}, "frobnicate"),
     ({"model": "echo", "messages": PROMPT, "verbosity": "loud"}, "verbosity"),

@@ -15,7 +15,7 @@ import requests
 from werkzeug.serving import make_server
 
 from conftest import ROOT, read_until_error
-from fake_upstream import ANSWER, LONG_ID_TOOL_CALLS, REASONING, start_fake_upstream
+from fake_upstream import ANSWER, LOGPROB, LONG_ID_TOOL_CALLS, REASONING, start_fake_upstream, words
 from mariadb import free_port
 from webapp import config as gateway_config
 from webapp import jobs
@@ -124,6 +124,32 @@ def test_openai_backend_relays_tool_calls_an_upstream_left_loose(app, account, l
                      ("call_b", "function", "get_time", '{"zone": "CET"}')]
     assert reply.choices[0].finish_reason == "tool_calls"
     assert [r.state for r in job_rows(app)] == ["completed"]
+
+
+def test_openai_backend_relays_logprobs_and_echo_declares_none(app, account, live):
+    client = api(live, account.key)
+    with start_fake_upstream() as upstream:
+        with pollclient(live.url, account.token, "--backend", "openai", "--upstream-url", upstream.url,
+                        "--models", "fake-chat"):
+            wait_for_models(client, "fake-chat")
+            stream = client.chat.completions.create(model="fake-chat", messages=PROMPT, stream=True, logprobs=True,
+                                                    top_logprobs=2)
+            chunks = [c for c in stream if c.choices]
+            reply = client.chat.completions.create(model="fake-chat", messages=PROMPT, logprobs=True)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert "".join(t.token for t in tokens) == ANSWER
+    assert tokens[0].logprob == LOGPROB and [a.token for a in tokens[0].top_logprobs] == ["alt0", "alt1"]
+    assert [t.token for t in reply.choices[0].logprobs.content] == words(ANSWER)
+    assert reply.choices[0].message.content == ANSWER
+    posted = [r["body"] for r in upstream.requests if r["method"] == "POST"]
+    assert [(b["logprobs"], b.get("top_logprobs")) for b in posted] == [(True, 2), (True, None)]
+    # The echo backend declares no feature: the same question is a clear 400.
+    with pollclient(live.url, account.token, "--backend", "echo"):
+        wait_for_models(client, "echo")
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="echo", messages=PROMPT, logprobs=True)
+    assert (err.value.code, err.value.param) == ("unsupported_parameter", "logprobs")
+    assert [r.state for r in job_rows(app)] == ["completed"] * 2
 
 
 def image_prompt(url: str) -> list[dict]:

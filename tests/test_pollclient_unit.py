@@ -24,6 +24,7 @@ from pollclient.backends import (
     BackendConfig,
     BackendError,
     StopSignal,
+    clean_logprobs,
     clean_tool_calls,
     list_upstream_models,
     run_echo,
@@ -33,8 +34,8 @@ from pollclient.backends import (
 )
 from pollclient.outbound import UnsafeRequest, check_image_url, outbound_request, resolve_host
 from pollclient.retry import Backoff, polite_delay
-from tests.fake_upstream import (ANSWER, LONG_ID_TOOL_CALLS, REASONING, TOOL_ARGUMENTS, FakeUpstream,
-                                 start_fake_upstream)
+from tests.fake_upstream import (ANSWER, LOGPROB, LONG_ID_TOOL_CALLS, REASONING, TOOL_ARGUMENTS, FakeUpstream,
+                                 start_fake_upstream, words)
 from tests.support import wait_for_hangup
 from webapp import config as gateway_config
 from webapp.errors import ApiError
@@ -246,6 +247,43 @@ def test_clean_tool_calls_table(items: list[Any], expected: list[dict[str, Any]]
     assert calls == expected
     if calls:
         gateway_accepts([{"tool_calls": calls}])
+
+
+@pytest.mark.parametrize("model", ["fake-chat", "fake-json"])
+def test_openai_relays_the_upstreams_logprobs(config: BackendConfig, upstream: FakeUpstream, model: str) -> None:
+    events = list(run_openai(chat(model, logprobs=True, top_logprobs=2), config, StopSignal()))
+    deltas = [e["delta"] for e in events if "delta" in e]
+    tokens = [t for d in deltas for t in d.get("logprobs", {}).get("content", [])]
+    assert [t["token"] for t in tokens] == words(ANSWER)
+    # llama.cpp's extra id is gone: the gateway takes nothing a token does not have.
+    assert tokens[0] == {"token": "Hello,", "logprob": LOGPROB, "bytes": list(b"Hello,"), "top_logprobs": [
+        {"token": "alt0", "logprob": LOGPROB - 1, "bytes": list(b"alt0")},
+        {"token": "alt1", "logprob": LOGPROB - 2, "bytes": list(b"alt1")}]}
+    gateway_accepts(deltas)
+    sent = next(r["body"] for r in upstream.requests if r["method"] == "POST")
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+
+
+def test_openai_sends_no_logprobs_unasked(config: BackendConfig) -> None:
+    events = list(run_openai(chat("fake-chat"), config, StopSignal()))
+    assert not any("logprobs" in e["delta"] for e in events if "delta" in e)
+
+
+def test_clean_logprobs_keeps_the_protocols_shape() -> None:
+    raw = {"content": [
+        {"token": "a", "logprob": float("-inf"), "bytes": [97], "top_logprobs": [
+            {"token": f"t{k}", "logprob": -1.0, "bytes": [300], "id": k} for k in range(25)]},
+        {"token": None, "logprob": -1.0}, {"token": "b", "logprob": True}, "c", None,
+        {"token": "d", "logprob": -2, "bytes": None},
+    ], "refusal": None, "text_offset": [0]}
+    clean = clean_logprobs(raw)
+    assert list(clean) == ["content"]
+    first, second = clean["content"]
+    assert first["logprob"] == -9999.0 and first["bytes"] == [97] and len(first["top_logprobs"]) == 20
+    assert first["top_logprobs"][0] == {"token": "t0", "logprob": -1.0, "bytes": None}
+    assert second == {"token": "d", "logprob": -2, "bytes": None, "top_logprobs": []}
+    gateway_accepts([{"logprobs": clean}])
+    assert clean_logprobs(None) == clean_logprobs({"content": None}) == clean_logprobs([1]) == {}
 
 
 def test_clean_tool_calls_numbers_unindexed_calls_by_id_across_chunks() -> None:

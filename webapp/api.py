@@ -149,6 +149,7 @@ def chat_completions():
         worker_request["messages"] = tavern.merge_system(worker_request["messages"])
     route = routing.from_request(key.user_id)
     model = worker_request["model"] = resolve_model(key, worker_request["model"], route=route)
+    routing.require_features(key.user_id, model, worker_request, route)
     prompt_tokens = token_count.count_prompt(worker_request["messages"])
     if background:
         # Answered at once, holding no process: the caller polls, streams or cancels it by id.

@@ -4,19 +4,23 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from . import usage
+from . import features, usage
 from .models import Job, epoch
 
 
 def chunk_event(job: Job, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    """Build one chat.completion.chunk."""
+    """Build one chat.completion.chunk; a delta's log probabilities go beside it, where OpenAI puts them."""
+    logprobs = None
+    if "logprobs" in delta:
+        logprobs = merge_logprobs(job, [delta])
+        delta = {k: v for k, v in delta.items() if k != "logprobs"}
     return {
         "id": job.public_id,
         "object": "chat.completion.chunk",
         "created": epoch(job.created_at),
         "model": job.model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -50,7 +54,8 @@ def status_object(job: Job, deltas: list[dict[str, Any]], error: Optional[dict[s
         "model": job.model,
         "system_fingerprint": None,
         "status": STATUS[job.state],
-        "choices": [{"index": 0, "message": merge_deltas(deltas), "logprobs": None, "finish_reason": None}]
+        "choices": [{"index": 0, "message": merge_deltas(deltas), "logprobs": merge_logprobs(job, deltas),
+                     "finish_reason": None}]
         if deltas else [],
         "usage": None,
     }
@@ -68,7 +73,8 @@ def completion(job: Job, deltas: list[dict[str, Any]]) -> dict[str, Any]:
         "model": job.model,
         "system_fingerprint": None,
         "choices": [
-            {"index": 0, "message": merge_deltas(deltas), "logprobs": None, "finish_reason": job.finish_reason or "stop"}
+            {"index": 0, "message": merge_deltas(deltas), "logprobs": merge_logprobs(job, deltas),
+             "finish_reason": job.finish_reason or "stop"}
         ],
         "usage": usage_for(job, deltas),
     }
@@ -96,6 +102,17 @@ def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
     if message["content"] is None and not calls:
         message["content"] = ""
     return message
+
+
+def merge_logprobs(job: Job, deltas: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Join the deltas' log probabilities into OpenAI's choice.logprobs; None when there are none."""
+    if not features.asked(job.needs or "", features.LOGPROBS):
+        return None  # sent by a worker unasked: the client gets what it asked for
+    found: dict[str, list[dict[str, Any]]] = {}
+    for delta in deltas:
+        for name, tokens in (delta.get("logprobs") or {}).items():
+            found.setdefault(name, []).extend(tokens)
+    return {"content": found.get("content"), "refusal": found.get("refusal")} if found else None
 
 
 def usage_for(job: Job, deltas: list[dict[str, Any]]) -> dict[str, int]:

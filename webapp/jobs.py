@@ -16,7 +16,7 @@ from flask import current_app
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from . import events, settings, wake
+from . import events, features, settings, wake
 from .db import db, retrying
 from .models import Chunk, Job, Worker, utcnow
 
@@ -92,6 +92,7 @@ def _insert_jobs(user_id, api_key_id, model, request, stream, priority, kind, ad
         reader_expires_at=now + _seconds("HOLD_TTL") if reader else None,
         provider=provider,
         pinned_worker_id=pinned_worker_id,
+        needs=features.needs_value(request),
     ) for _ in range(n)]
     admitted = None
     with db.begin() as s:
@@ -110,7 +111,7 @@ def _insert_jobs(user_id, api_key_id, model, request, stream, priority, kind, ad
 
 
 def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str], providers: Sequence[str],
-               now: dt.datetime):
+               offered: Sequence[str], now: dt.datetime):
     wanted = [and_(Job.kind == "chat", Job.model.in_(list(models)))] if models else []
     if image_models:
         wanted.append(and_(Job.kind == "image", Job.model.in_(list(image_models))))
@@ -122,6 +123,9 @@ def _claimable(worker: Worker, models: Sequence[str], image_models: Sequence[str
         # to a worker answering to it ("" is any), a pinned job only to its worker.
         Job.provider.in_(["", *providers]),
         or_(Job.pinned_worker_id.is_(None), Job.pinned_worker_id == worker.id),
+        # A job that needs a feature (logprobs) only goes to a worker that declared it; a
+        # worker with none, the common case, matches needs = "" alone.
+        Job.needs.in_(features.claimable_needs(offered)),
     )
     if not worker.shared:
         # Least privilege: a worker sees only its owner's jobs unless an admin shared it.
@@ -141,14 +145,15 @@ def _lease_values(worker: Worker, now: dt.datetime) -> dict[str, Any]:
 
 
 def claim_jobs(worker: Worker, models: Sequence[str], max_jobs: int, image_models: Sequence[str] = (),
-               providers: Sequence[str] = ()) -> list[Job]:
+               providers: Sequence[str] = (), offered: Sequence[str] = ()) -> list[Job]:
     """Hand up to max_jobs queued jobs to this worker; exactly one worker wins each job.
 
     `providers` are the names the worker answers to (routing.provider_names): it gets jobs
-    for any provider and jobs for one of these.
+    for any provider and jobs for one of these. `offered` are the features it declared in
+    this claim (webapp/features.py): it gets jobs that need none of them or only these.
     """
     now = utcnow()
-    query = _claimable(worker, models, image_models, providers, now)
+    query = _claimable(worker, models, image_models, providers, offered, now)
     if db.uses_skip_locked():
         won = _claim_skip_locked(query, worker, max_jobs, now)
     else:

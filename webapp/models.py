@@ -164,6 +164,8 @@ class Worker(Base):
     site: Mapped[str] = mapped_column(String(191), default="", server_default="")
     status: Mapped[str] = mapped_column(String(32), default="", server_default="")
     status_message: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    # The optional features it said it relays (webapp/features.py), e.g. ["logprobs"].
+    features_json: Mapped[Optional[str]] = mapped_column(Text)
 
     @property
     def models(self) -> list[str]:
@@ -174,6 +176,11 @@ class Worker(Base):
     def image_models(self) -> list[str]:
         """Return the image model ids this worker advertised last."""
         return json.loads(self.image_models_json or "[]")
+
+    @property
+    def features(self) -> list[str]:
+        """Return the optional features this worker declared last."""
+        return json.loads(self.features_json or "[]")
 
 
 class Job(Base):
@@ -234,6 +241,9 @@ class Job(Base):
     # rebuilds the table on SQLite, and a pin to a deleted worker just leaves the job unclaimed.
     provider: Mapped[str] = mapped_column(String(191), default="", server_default="")
     pinned_worker_id: Mapped[Optional[int]] = mapped_column(Integer)
+    # The worker features the request needs (webapp/features.py: "logprobs"), space-separated;
+    # "" for none. Only a worker that declared them all may claim the job.
+    needs: Mapped[str] = mapped_column(String(191), default="", server_default="")
 
     @property
     def request(self) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 from urllib.parse import quote
 
 from flask import Response, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import workers
+from . import features, workers
 from .db import db
 from .errors import ApiError
 from .models import Job, Worker
@@ -90,6 +90,21 @@ def live_models(user_id: int, kind: str, route: Route = AUTO) -> dict[str, int]:
     if route.workers is None:
         return workers.live_models(user_id, kind)
     return workers.offered_models(route.workers, kind)
+
+
+def require_features(user_id: int, model: str, request: dict[str, Any], route: Route = AUTO) -> None:
+    """Raise a 400 unless a live worker on this route serves the model with every feature the request needs."""
+    needed = features.needed(request)
+    if not needed:
+        return  # the common case reads nothing more
+    live = workers.live_workers(user_id) if route.workers is None else route.workers
+    if any(model in w.models and set(needed) <= set(w.features) for w in live):
+        return
+    # Name a feature no worker of the model has; with several, each may have one but none all.
+    missing = next((f for f in needed if not any(model in w.models and f in w.features for w in live)), needed[0])
+    raise ApiError(400, f"No live worker for model '{_shown(model)}' relays {features.KNOWN[missing]} "
+                   f"({missing}); ask without {missing}, or run a worker that does (the pollclient's openai "
+                   "backend does).", code="unsupported_parameter", param=missing)
 
 
 def served_headers(job: Job) -> dict[str, str]:

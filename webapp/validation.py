@@ -38,8 +38,6 @@ CHOICES = {
 IGNORED = ("metadata", "store", "service_tier", "stream_options", "stream", "model", "messages", "background")
 # Known OpenAI parameters no worker can honour: say so instead of silently ignoring them.
 UNSUPPORTED = {
-    "logprobs": "Log probabilities are not available through Pollgate workers.",
-    "top_logprobs": "Log probabilities are not available through Pollgate workers.",
     "audio": "Audio output is not supported.",
     "prediction": "Predicted outputs are not supported.",
     "functions": "The deprecated 'functions' parameter is not supported; use 'tools'.",
@@ -48,8 +46,11 @@ UNSUPPORTED = {
 }
 # Checked on their own in _param.
 CHECKED = ("max_tokens", "max_completion_tokens", "seed", "n", "stop", "modalities")
+# Passed through when true: only a worker that declared the feature may take the job (webapp/features.py).
+LOGPROBS = ("logprobs", "top_logprobs")
+MAX_TOP_LOGPROBS = 20
 # Every request parameter Pollgate understands; tests hold it against the openai package's own list.
-KNOWN = frozenset([*NUMBER_RANGES, *OPAQUE, *CHOICES, *IGNORED, *UNSUPPORTED, *CHECKED])
+KNOWN = frozenset([*NUMBER_RANGES, *OPAQUE, *CHOICES, *IGNORED, *UNSUPPORTED, *CHECKED, *LOGPROBS])
 MAX_STOP = 4
 INT32_MAX = 2**31 - 1  # the widest count any column or client library holds safely
 INT64_MAX = 2**63 - 1
@@ -155,6 +156,8 @@ def _param(name: str, value: Any, body: dict) -> Any:
         return None  # checked by _choices: each choice is a job of its own, asked for one answer
     if name == "stop":
         return _stop(value)
+    if name in LOGPROBS:
+        return _logprobs(name, value, body)
     if name in OPAQUE:
         if not isinstance(value, OPAQUE[name]):
             raise bad(f"{name} has the wrong type.", name, "invalid_type")
@@ -172,6 +175,17 @@ def _param(name: str, value: Any, body: dict) -> Any:
             raise bad("Only the text modality is supported.", name, "unsupported_parameter")
         return None
     raise bad(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+
+
+def _logprobs(name: str, value: Any, body: dict) -> Any:
+    if name == "logprobs":
+        if not isinstance(value, bool):
+            raise bad("logprobs must be a boolean.", name, "invalid_type")
+        return value or None  # false asks for nothing: dropped
+    check_int(value, name, 0, MAX_TOP_LOGPROBS)
+    if body.get("logprobs") is not True:
+        raise bad("logprobs must be set to true if top_logprobs is used.", name)
+    return value
 
 
 def _stop(value: Any) -> Any:

@@ -35,7 +35,7 @@ def claim():
     worker = authenticate_worker(request.headers.get("Authorization"))
     ask = parse_claim(json_body())
     workers.touch_worker(worker, ask["models"], ask["capacity"], ask["kind"], ask["version"], ask["image_models"],
-                           ask["site"])
+                           ask["site"], ask["features"])
     cfg = current_app.config
     end = time.monotonic() + ask["wait"]
     # A worker holds one long-poll. A newer one means the client of this one is gone
@@ -52,7 +52,7 @@ def claim():
             since = wake.stamp("jobs")
             superseded = wake.stamp(me) != mine
             claimed = [] if superseded else jobs.claim_jobs(worker, ask["models"], ask["max_jobs"], ask["image_models"],
-                                                             providers)
+                                                             providers, ask["features"])
             left = end - time.monotonic()
             if claimed or superseded or left <= 0:
                 break

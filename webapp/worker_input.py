@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import current_app
 
-from . import jobs
+from . import features, jobs
 from .errors import ApiError
 from .models import NOT_READY
 from .validation import INT32_MAX, bad, check_int, check_str
@@ -27,8 +27,17 @@ MAX_STATUS_MESSAGE = 255  # longer is cut: a person reads it, nothing parses it
 MAX_ERROR_MESSAGE = 2000  # longer is cut, likewise
 MAX_RELEASE = 256
 MAX_TOOL_INDEX = 127
+MAX_FEATURES = 16
+FEATURE_NAME = re.compile(r"[a-z0-9_.-]{1,32}")
 TEXT_FIELDS = ("content", "reasoning_content", "refusal")
-DELTA_FIELDS = (*TEXT_FIELDS, "tool_calls", "images")
+DELTA_FIELDS = (*TEXT_FIELDS, "tool_calls", "images", "logprobs")
+LOGPROBS_FIELDS = ("content", "refusal")
+TOKEN_FIELDS = ("token", "logprob", "bytes", "top_logprobs")
+TOP_FIELDS = ("token", "logprob", "bytes")
+MAX_LOGPROB_TOKENS = 4096  # per delta: a streamed delta has one or a few; a whole answer relayed at once, more
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs ceiling
+MAX_TOKEN = 1000  # characters of one token's text
+MAX_TOKEN_BYTES = 4 * MAX_TOKEN
 TOOL_CALL_FIELDS = ("index", "id", "type", "function")
 FUNCTION_FIELDS = ("name", "arguments")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
@@ -96,6 +105,19 @@ def _optional_label(body: dict[str, Any], name: str, max_length: int) -> str:
     return "" if value is None else _label(value, name, max_length)
 
 
+def _features(body: dict[str, Any]) -> list[str]:
+    """Return the features the gateway knows from a claim's list; the list is checked whole."""
+    declared = body.get("features")
+    if declared is None:
+        return []
+    _list(declared, "features", MAX_FEATURES)
+    for i, name in enumerate(declared):
+        if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name):
+            raise bad(f"features[{i}] must be 1-32 characters of a-z 0-9 _ . -.", f"features[{i}]")
+    # A name this gateway does not know (a newer worker's) is no reason to refuse the claim.
+    return features.known(declared)
+
+
 def parse_claim(body: Any) -> dict[str, Any]:
     """Validate a claim request and return what the claim view needs."""
     _object(body, "body")
@@ -120,6 +142,7 @@ def parse_claim(body: Any) -> dict[str, Any]:
         "kind": _optional_label(body, "kind", MAX_SHORT),
         "version": _optional_label(body, "version", MAX_SHORT),
         "site": _optional_label(body, "site", MAX_ID),
+        "features": _features(body),
     }
 
 
@@ -194,6 +217,41 @@ def _delta(where: str, delta: Any) -> dict[str, Any]:
     if "images" in delta:
         clean["images"] = [_image(f"{where}.images[{k}]", image)
                            for k, image in enumerate(_list(delta["images"], f"{where}.images"))]
+    if delta.get("logprobs") is not None:
+        clean["logprobs"] = _logprobs(f"{where}.logprobs", delta["logprobs"])
+    return clean
+
+
+def _logprobs(where: str, logprobs: Any) -> dict[str, Any]:
+    """Return a delta's log probabilities as OpenAI's choice.logprobs has them: content and refusal lists."""
+    _object(logprobs, where)
+    _only(logprobs, LOGPROBS_FIELDS, where)
+    clean: dict[str, Any] = {}
+    for name in LOGPROBS_FIELDS:
+        if logprobs.get(name) is not None:
+            tokens = _list(logprobs[name], f"{where}.{name}", MAX_LOGPROB_TOKENS)
+            clean[name] = [_token_logprob(f"{where}.{name}[{k}]", t) for k, t in enumerate(tokens)]
+    return clean
+
+
+def _token_logprob(where: str, entry: Any, top: bool = False) -> dict[str, Any]:
+    """Return one token's {"token", "logprob", "bytes", "top_logprobs"} (no top_logprobs inside a top one)."""
+    _object(entry, where)
+    _only(entry, TOP_FIELDS if top else TOKEN_FIELDS, where)
+    logprob = entry.get("logprob")
+    # Python's JSON parser reads -Infinity; the client's would not, and no sum over it means anything.
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or not math.isfinite(logprob):
+        raise bad(f"{where}.logprob must be a finite number.", f"{where}.logprob", "invalid_type")
+    clean: dict[str, Any] = {"token": check_str(entry.get("token"), f"{where}.token", MAX_TOKEN),
+                             "logprob": logprob, "bytes": None}
+    if entry.get("bytes") is not None:
+        raw = _list(entry["bytes"], f"{where}.bytes", MAX_TOKEN_BYTES)
+        clean["bytes"] = [check_int(b, f"{where}.bytes[{k}]", 0, 255) for k, b in enumerate(raw)]
+    if not top:
+        alternatives = [] if entry.get("top_logprobs") is None else \
+            _list(entry["top_logprobs"], f"{where}.top_logprobs", MAX_TOP_LOGPROBS)
+        clean["top_logprobs"] = [_token_logprob(f"{where}.top_logprobs[{k}]", t, top=True)
+                                 for k, t in enumerate(alternatives)]
     return clean
 
 

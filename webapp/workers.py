@@ -50,7 +50,7 @@ def live_since() -> dt.datetime:
 
 
 def touch_worker(worker: Worker, models: Sequence[str], capacity: int, kind: str, version: str,
-                 image_models: Sequence[str] = (), site: str = "") -> None:
+                 image_models: Sequence[str] = (), site: str = "", features: Sequence[str] = ()) -> None:
     """Record what a worker advertises and that it is alive and ready (it is claiming)."""
     now = utcnow()
     values = {
@@ -60,6 +60,7 @@ def touch_worker(worker: Worker, models: Sequence[str], capacity: int, kind: str
         "kind": kind,
         "version": version,
         "site": site,
+        "features_json": json.dumps(list(features)),
         "status": "ready",
         "status_message": "",
     }
