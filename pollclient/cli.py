@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the upstream fetch image URLs on private, loopback and link-local addresses (this "
         "machine's network); off by default, as any gateway user writes those URLs "
         "[env POLLCLIENT_ALLOW_PRIVATE_IMAGE_URLS=1]")
+    add("--site", metavar="NAME", default=_env("SITE", ""),
+        help="a provider name for this worker, e.g. ollama or home-gpu: callers who send "
+        "X-Provider: NAME reach only workers reporting it [env POLLCLIENT_SITE]")
     add("--max-concurrent", metavar="N", type=_number(1, MAX_CAPACITY, int), default=_env("MAX_CONCURRENT", "1"),
         help="jobs run at once [env POLLCLIENT_MAX_CONCURRENT, default 1]")
     add("--echo-delay", metavar="SECONDS", type=_number(0), default=_env("ECHO_DELAY", "0"),
@@ -129,6 +132,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.api_url:
         fail("no gateway URL: pass --api-url or set POLLCLIENT_API_URL")
     args.api_url = _check_url(args.api_url, "--api-url")
+    args.site = args.site.strip()
+    if len(args.site) > 191 or not all(c.isprintable() for c in args.site):
+        fail("--site must be at most 191 printable characters")
     if args.backend == "openai":
         if not args.upstream_url:
             fail("the openai backend needs --upstream-url (e.g. http://localhost:11434/v1)")
@@ -189,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         upstream_url=args.upstream_url or "", upstream_key=args.upstream_key or "",
         echo_delay=args.echo_delay, allow_private_image_urls=args.allow_private_image_urls, session=session,
     )
-    gateway = Gateway(args.api_url, args.token)
+    gateway = Gateway(args.api_url, args.token, args.site)
     try:
         args.models = resolve_models(args, config)
         return Worker(args, gateway, config).run()

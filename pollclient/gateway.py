@@ -59,8 +59,9 @@ class GatewayUnavailable(GatewayError):
 class Gateway:
     """Talk to one gateway with one token over one pooled HTTP session."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, site: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        self.site = site  # what callers' X-Provider may name to reach this worker; "" for none
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
         self.session.headers["User-Agent"] = f"pollgate-pollclient/{__version__}"
@@ -78,6 +79,8 @@ class Gateway:
             "kind": "pollclient",
             "version": __version__,
         }
+        if self.site:
+            body["site"] = self.site
         answer = self._post("/worker/v1/claim", body, (CLAIM_CONNECT_TIMEOUT, wait + self.lease_ttl))
         jobs = answer.get("jobs", [])
         if not isinstance(jobs, list):

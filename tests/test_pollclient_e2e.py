@@ -320,3 +320,16 @@ def test_bad_token_exits_with_a_readable_error(app, live):
     assert "Traceback" not in done.stderr
     assert "token" in done.stderr.lower()
     assert "pgw_not-a-real-token" not in done.stderr + done.stdout
+
+
+def test_a_site_named_with_site_is_a_provider_callers_can_ask_for(app, account, live):
+    client = api(live, account.key)
+    with pollclient(live.url, account.token, "--backend", "echo", "--site", "home-gpu"):
+        wait_for_models(client, "echo")
+        raw = client.chat.completions.with_raw_response.create(
+            model="echo", messages=PROMPT, extra_headers={"X-Provider": "home-gpu"})
+        assert raw.headers["x-pollgate-provider"] == "home-gpu"
+        assert raw.parse().choices[0].message.content == "one two three four five six"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="echo", messages=PROMPT, extra_headers={"X-Provider": "elsewhere"})
+    assert "home-gpu" in err.value.message and err.value.code == "invalid_provider"
