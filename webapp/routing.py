@@ -9,11 +9,13 @@ claim (jobs.claim_jobs) checks both. docs/worker-protocol.md, "Provider matching
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 from urllib.parse import quote
 
-from flask import Response, request
+from flask import Response, current_app, request
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import features, workers
@@ -107,22 +109,37 @@ def require_features(user_id: int, model: str, request: dict[str, Any], route: R
                    "backend does).", code="unsupported_parameter", param=missing)
 
 
+# How long a process trusts what it read of a worker for these headers: a worker's name,
+# kind and site change only when it is recreated or its claims say otherwise. Reading the
+# row for every answer cost each request a round trip (bench: 3.7 more questions per request).
+LABEL_SECONDS = 30.0
+
+
 def served_headers(job: Job) -> dict[str, str]:
     """Return the x-pollgate-provider and x-pollgate-worker headers naming the worker that took the job."""
     if job.worker_id is None:
         return {}
-    try:
-        with db.read() as s:
-            worker = s.get(Worker, job.worker_id)
-    except SQLAlchemyError:
-        # Only informative: a database blip must not turn an answer already made into an error.
-        log.warning("job %s: could not read its worker for the x-pollgate headers", job.id, exc_info=True)
-        return {}
-    if worker is None:
-        return {}
-    headers = {"x-pollgate-worker": _header(worker.name)}
-    if worker.site or worker.kind:
-        headers["x-pollgate-provider"] = _header(worker.site or worker.kind)
+    labels = current_app.extensions.setdefault("pollgate.worker_labels", {})
+    now = time.monotonic()
+    cached = labels.get(job.worker_id)
+    if cached is None or now - cached[0] >= LABEL_SECONDS:
+        try:
+            with db.read() as s:
+                found = s.execute(select(Worker.name, Worker.site, Worker.kind)
+                                  .where(Worker.id == job.worker_id)).first()
+        except SQLAlchemyError:
+            # Only informative: a database blip must not turn an answer already made into an error.
+            log.warning("job %s: could not read its worker for the x-pollgate headers", job.id, exc_info=True)
+            return {}
+        if found is None:
+            return {}
+        if len(labels) > 1000:
+            labels.clear()  # workers come and go: keep the cache from growing without end
+        cached = labels[job.worker_id] = (now, tuple(found))
+    name, site, kind = cached[1]
+    headers = {"x-pollgate-worker": _header(name)}
+    if site or kind:
+        headers["x-pollgate-provider"] = _header(site or kind)
     return headers
 
 
