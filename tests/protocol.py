@@ -140,6 +140,16 @@ class WorkerThread:
             self.errors.append(err)
 
 
+def sse_events(body: str) -> list[tuple[int, str]]:
+    """Split an event stream into (id, data) pairs, skipping comments."""
+    found = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
+        if fields:
+            found.append((int(fields["id"]), fields["data"]))
+    return found
+
+
 class StreamReader:
     """One streamed chat completion read raw over HTTP in a thread: every line on the wire and when it came.
 

@@ -12,7 +12,7 @@ import requests
 from sqlalchemy import func, select
 
 from conftest import VALIDATION_ONLY, csrf, read_until_error
-from protocol import ProtoWorker, WorkerThread
+from protocol import ProtoWorker, WorkerThread, sse_events
 from support import wait_for
 from test_limits import give_tier
 from webapp import budget, settings, token_count
@@ -62,16 +62,6 @@ def test_each_choice_is_a_job_answered_by_its_worker_with_usage_summed(app, acco
     assert len(daily) == 1 and daily[0].requests == 3 and daily[0].completion_tokens == sum(completions)
     with app.app_context(), db.read() as s:
         assert s.scalar(select(func.sum(RateBucket.requests)).where(RateBucket.subject == "u")) == 3
-
-
-def sse_events(body: str) -> list[tuple[int, str]]:
-    """Split an event stream into (id, data) pairs, skipping comments."""
-    found = []
-    for block in body.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
-        if fields:
-            found.append((int(fields["id"]), fields["data"]))
-    return found
 
 
 def test_a_stream_relays_each_choice_at_its_index_then_the_summed_usage(app, account, live):

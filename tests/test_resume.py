@@ -12,7 +12,7 @@ import requests
 from openai.types.chat import ChatCompletion
 
 from conftest import VALIDATION_ONLY, make_account
-from protocol import ProtoWorker
+from protocol import ProtoWorker, sse_events
 from support import wait_for
 from webapp import jobs, maintenance, settings
 from webapp.models import HeldRequest, Job, Usage, utcnow
@@ -48,16 +48,6 @@ def background(live, account) -> ChatCompletion:
 def job_row(app, public_id: str) -> Job:
     with app.app_context(), jobs.db.read() as s:
         return s.query(Job).filter_by(public_id=public_id).one()
-
-
-def events(body: str) -> list[tuple[int, str]]:
-    """Split an event stream into (id, data) pairs, skipping comments."""
-    found = []
-    for block in body.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
-        if fields:
-            found.append((int(fields["id"]), fields["data"]))
-    return found
 
 
 def text_of(pairs: list[tuple[int, str]]) -> str:
@@ -171,16 +161,16 @@ def test_a_completion_streams_by_id_and_resumes_after_any_event(app, account, li
     queued = background(live, account)
     worker.report(claim_one(worker), [{"content": "a "}, {"content": "b "}, {"content": "c"}],
                   finish={"reason": "stop"}, )
-    whole = events(get_stream(live, account.key, queued.id, params={"include_usage": "true"}).text)
+    whole = sse_events(get_stream(live, account.key, queued.id, params={"include_usage": "true"}).text)
     # role, three chunks, finish, usage, [DONE] (which repeats the last id)
     assert [i for i, _ in whole] == [0, 1, 2, 3, 4, 5, 5]
     assert text_of(whole) == "a b c" and whole[-1][1] == "[DONE]"
     assert json.loads(whole[5][1])["usage"]["completion_tokens"] > 0
     for after in range(0, 6):
-        by_header = events(get_stream(live, account.key, queued.id, headers={"Last-Event-ID": str(after)},
+        by_header = sse_events(get_stream(live, account.key, queued.id, headers={"Last-Event-ID": str(after)},
                                       params={"include_usage": "true"}).text)
         assert by_header == [pair for pair in whole if pair[0] > after] + [whole[-1]] * (after == 5)
-        by_query = events(get_stream(live, account.key, queued.id, params={"starting_after": after,
+        by_query = sse_events(get_stream(live, account.key, queued.id, params={"starting_after": after,
                                                                               "include_usage": "true"}).text)
         assert by_query == by_header
 
@@ -208,7 +198,7 @@ def test_a_stream_by_id_follows_a_running_job_live(app, account, live):
                 break
         worker.report(job, [{"content": "text"}], finish={"reason": "stop"})
         seen.extend(lines)
-    assert text_of(events("\n".join(seen))) == "live text"
+    assert text_of(sse_events("\n".join(seen))) == "live text"
     assert job_row(app, queued.id).state == "completed"
 
 
@@ -234,7 +224,7 @@ def hang_up_after_first_word(live, account, worker) -> tuple[str, dict, int]:
             if '"one "' in line:
                 break
         public_id = r.headers["x-request-id"]
-    return public_id, job, events("\n".join(seen) + "\n\n")[-1][0]
+    return public_id, job, sse_events("\n".join(seen) + "\n\n")[-1][0]
 
 
 # The hold lasts a minute and the grace 20 s: a reader expiry under 30 s away is the grace's.
@@ -258,7 +248,7 @@ def test_a_hung_up_stream_keeps_its_job_for_a_resume(app, account, live):
         seen = [next(lines)]
         worker.report(job, [{"content": "three"}], finish={"reason": "stop"})
         seen.extend(lines)
-    resumed = events("\n".join(seen))
+    resumed = sse_events("\n".join(seen))
     assert resumed[0][0] == 2 and text_of(resumed) == "two three" and resumed[-1][1] == "[DONE]"
     assert job_row(app, public_id).state == "completed"
     with app.app_context():
