@@ -124,17 +124,12 @@ def start_choices(key, model: str, worker_request: dict[str, Any], stream: bool,
 def relay_plain(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
     """Relay a non-streamed request's job to its end and end the request; return the completed job
     with every delta, or raise the error its client gets."""
-    deltas: list[dict[str, Any]] = []
-    job: Optional[Job] = None
+    answer: Optional[tuple[Job, list[dict[str, Any]]]] = None
     try:
-        for kind, payload in relay.follow(reader):
-            if kind == "chunks":
-                deltas.extend(chunk.delta for chunk in payload)
-            elif kind == "end":
-                job = payload
+        answer = relay.collect(reader)
     finally:
-        end_request(reader, job is not None, deltas)
-    assert job is not None
+        end_request(reader, answer is not None, answer[1] if answer else None)
+    job, deltas = answer
     if job.state != "completed":
         raise relay.job_error(job)
     return job, deltas

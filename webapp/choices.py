@@ -35,12 +35,7 @@ def relay_plain(readers: list[Reader]) -> list[Answer]:
     answers: list[Answer] = []
     try:
         for reader in readers:
-            deltas: list[dict[str, Any]] = []
-            for kind, payload in relay.follow(reader):
-                if kind == "chunks":
-                    deltas.extend(chunk.delta for chunk in payload)
-                elif kind == "end":
-                    answers.append((payload, deltas))
+            answers.append(relay.collect(reader))
             if answers[-1][0].state != "completed":
                 break
     finally:

@@ -196,6 +196,17 @@ def wait_for_start(reader: Reader, patience: float) -> tuple[Job, list[Chunk]]:
         news = reader.wait(topic, since, min(cfg["WAKE_RECHECK"], max(0.0, continue_for)))
 
 
+def collect(reader: Reader) -> tuple[Job, list[dict[str, Any]]]:
+    """Follow a job to its end, for an answer that is not streamed; return it with every delta."""
+    deltas: list[dict[str, Any]] = []
+    for kind, payload in follow(reader):
+        if kind == "chunks":
+            deltas.extend(chunk.delta for chunk in payload)
+        elif kind == "end":
+            return payload, deltas
+    raise AssertionError("follow ends with the job's end")
+
+
 def follow(reader: Reader, first: Optional[tuple[Job, list[Chunk]]] = None, seq: int = 0) -> Iterator[Progress]:
     """Yield ("chunks", [...]) from chunk `seq` on as output arrives, ("heartbeat", None) on silence, then ("end", job).
 
